@@ -1,0 +1,3 @@
+from tollgate.cli import main
+
+raise SystemExit(main())

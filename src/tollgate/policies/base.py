@@ -1,0 +1,71 @@
+"""The policy mechanism: a policy is one module holding its config model and its handler.
+
+A policy acts in any of four phases, named after the methods it defines:
+
+- ``access(exchange)`` before the upstream is called; returns ``None`` to go on, a
+  `GatewayResponse` to answer at once (short-circuit), or an awaitable of either;
+- ``upstream_response(exchange, response)`` when the upstream's head arrives (may edit headers);
+- ``body(exchange, chunk)`` for each response body chunk (returns the chunk to send);
+- ``log(exchange)`` after the response is sent; never delays the client.
+
+Order: higher `priority` first, then config order (global, service, route). A route's entry
+replaces the service's and the global entry of the same name, like Kong's plugin precedence.
+Chains are compiled once per route (see `tollgate.runtime.compile`), so the request path only
+iterates over tuples of bound methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from tollgate.config.base import Model
+
+if TYPE_CHECKING:
+    from tollgate.http.exchange import Exchange
+    from tollgate.http.responses import GatewayResponse
+    from tollgate.runtime.context import CompileContext
+
+PHASES = ("access", "upstream_response", "body", "log")
+
+AccessResult = "GatewayResponse | None | Awaitable[GatewayResponse | None]"
+
+
+class Policy:
+    """Base class of policies. Subclasses set `name`, `priority`, `Config`."""
+
+    name: ClassVar[str]
+    priority: ClassVar[int] = 0
+    Config: ClassVar[type[Model]]
+
+    def __init__(self, config: Any, context: CompileContext) -> None:
+        self.config = config
+
+    def phases(self) -> tuple[str, ...]:
+        """The phases this policy acts in: the phase methods its class defines."""
+        return tuple(p for p in PHASES if getattr(type(self), p, None) is not None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(priority={self.priority}, config={self.config!r})"
+
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+P = TypeVar("P", bound=type[Policy])
+
+
+def register(cls: P) -> P:
+    """Class decorator: make a policy available by its `name` in config."""
+    name = cls.name
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"policy {name!r} registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Policy]]:
+    """Every registered policy by name (a copy)."""
+    return dict(_REGISTRY)
+
+
+AccessMethod = Callable[["Exchange"], Any]
