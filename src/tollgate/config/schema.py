@@ -9,9 +9,16 @@ file:line: path messages.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from tollgate.config.base import Model
 from tollgate.config.units import Duration, Size
@@ -62,7 +69,7 @@ class GatewaySettings(Model):
         1, description="Worker processes sharing the port (SO_REUSEPORT); auto = one per CPU."
     )
     tls: TLSSettings | None = Field(None, description="Terminate TLS with this certificate.")
-    limits: ListenerLimits = Field(default_factory=ListenerLimits)  # type: ignore[arg-type]
+    limits: ListenerLimits = Field(default_factory=ListenerLimits)
     drain_timeout: Duration = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
@@ -90,6 +97,12 @@ class AdminSettings(Model):
     @classmethod
     def _listen(cls, value: str | None) -> str | None:
         return None if value is None else _check_listen(value)
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        # `token: "${TOLLGATE_ADMIN_TOKEN:-}"` with the variable unset: the API stays closed.
+        return None if value == "" else value
 
 
 class ClusterSettings(Model):
@@ -134,8 +147,8 @@ class Upstream(Model):
     hash_on: str = Field(
         "ip", description="For consistent-hash: ip, consumer, header:NAME or cookie:NAME."
     )
-    timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)  # type: ignore[arg-type]
-    pool: PoolSettings = Field(default_factory=PoolSettings)  # type: ignore[arg-type]
+    timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
     tls_verify: bool = Field(True, description="Verify an https target's certificate.")
     ca_file: str | None = Field(None, description="CA bundle for https targets.")
     sni: str | None = Field(None, description="Server name sent in TLS; default: the host.")
@@ -157,7 +170,8 @@ class Upstream(Model):
 
 # -- services, routes, policies ------------------------------------------------------------
 
-class _PolicyEntryBase(Model):
+
+class PolicyEntryBase(Model):
     """`{policy-name: {options}}`: exactly one registered policy per list item."""
 
     @model_validator(mode="before")
@@ -177,14 +191,12 @@ class _PolicyEntryBase(Model):
         raise AssertionError("a validated policy entry holds one policy")
 
 
-def _policy_entry_model() -> type[_PolicyEntryBase]:
+def _policy_entry_model() -> type[PolicyEntryBase]:
     fields: dict[str, Any] = {
         name.replace("-", "_"): (cls.Config | None, Field(None, alias=name))
         for name, cls in sorted(registry().items())
     }
-    model: type[_PolicyEntryBase] = create_model(  # type: ignore[call-overload]
-        "PolicyEntry", __base__=_PolicyEntryBase, **fields
-    )
+    model: type[PolicyEntryBase] = create_model("PolicyEntry", __base__=PolicyEntryBase, **fields)
     return model
 
 
@@ -248,20 +260,30 @@ class Service(Model):
         return value.rstrip("/")
 
 
+def _check_key(key: SecretStr) -> SecretStr:
+    # An unset `${VAR:-}` must not become a key; the message never repeats a key.
+    if not key.get_secret_value():
+        raise ValueError("an API key cannot be empty")
+    return key
+
+
+ApiKey = Annotated[SecretStr, AfterValidator(_check_key)]
+
+
 class Consumer(Model):
     name: str = Field(pattern=_NAME)
     id: str | None = Field(None, description="Stable id sent upstream; default: the name.")
-    keys: list[SecretStr] = Field(default_factory=list, description="API keys (stored hashed).")
+    keys: list[ApiKey] = Field(default_factory=list, description="API keys (stored hashed).")
     plan: str | None = None
     tags: list[str] = Field(default_factory=list)
 
 
 class Config(Model):
     version: Literal[1] = 1
-    gateway: GatewaySettings = Field(default_factory=GatewaySettings)  # type: ignore[arg-type]
-    admin: AdminSettings = Field(default_factory=AdminSettings)  # type: ignore[arg-type]
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
     storage: str = "sqlite:///./tollgate.db"
-    cluster: ClusterSettings = Field(default_factory=ClusterSettings)  # type: ignore[arg-type]
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     upstreams: list[Upstream] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
     consumers: list[Consumer] = Field(default_factory=list)
