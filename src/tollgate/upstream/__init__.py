@@ -1,0 +1,1 @@
+"""Upstreams: choosing a target for each request and surviving its failures."""
