@@ -50,7 +50,9 @@ class ConfigProblem:
         return f"{where}:{at} {self.message}" if at else f"{where}: {self.message}"
 
     def __repr__(self) -> str:
-        return f"ConfigProblem({self.file!r}, line={self.line}, path={self.path!r}, {self.message!r})"
+        return (
+            f"ConfigProblem({self.file!r}, line={self.line}, path={self.path!r}, {self.message!r})"
+        )
 
 
 # -- client side (the request the gateway received) ----------------------------------------

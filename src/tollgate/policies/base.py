@@ -16,14 +16,13 @@ iterates over tuples of bound methods.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from tollgate.config.base import Model
 
 if TYPE_CHECKING:
     from tollgate.http.exchange import Exchange
-    from tollgate.http.responses import GatewayResponse
     from tollgate.runtime.context import CompileContext
 
 PHASES = ("access", "upstream_response", "body", "log")

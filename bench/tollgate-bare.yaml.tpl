@@ -1,0 +1,14 @@
+# No policies: the data plane alone.
+version: 1
+gateway: {listen: "127.0.0.1:@PORT@", workers: 1}
+admin: {listen: null}
+storage: "sqlite:///@SYSDIR@/tollgate.db"
+upstreams:
+  - name: mock
+    targets: [{url: "http://127.0.0.1:@MOCK_PORT@"}]
+services:
+  - name: plain
+    upstream: mock
+    routes:
+      - {name: json, paths: ["/json"], methods: [GET]}
+      - {name: echo, paths: ["/echo"], methods: [POST]}

@@ -1,0 +1,1 @@
+"""The admin API, served by the supervisor on its own listener."""

@@ -1,0 +1,109 @@
+"""Admin API (control plane, not the request path): health, status, reload.
+
+Closed unless `admin.token` is set: without a token every endpoint but `/health` answers 403;
+with one, requests need `Authorization: Bearer <token>` (compared in constant time).
+Built on aiohttp's server: the admin API is not on the hot path, and a well-kept framework
+gives it robust HTTP handling for free.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from tollgate import __version__
+from tollgate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tollgate.runtime.supervisor import Supervisor
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SUPERVISOR = web.AppKey("supervisor", object)
+
+
+def _error(status: int, error_type: str, message: str, **extra: Any) -> web.Response:
+    body: dict[str, Any] = {"error": {"type": error_type, "message": message, **extra}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Token check for everything but /health, and JSON errors for every failure."""
+    if request.path != "/health":
+        supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
+        token = supervisor.config.admin.token
+        if token is None or not token.get_secret_value():
+            return _error(403, "forbidden", "The admin API is closed: set admin.token to open it")
+        sent = request.headers.get("Authorization", "")
+        expected = "Bearer " + token.get_secret_value()
+        if not hmac.compare_digest(sent.encode(), expected.encode()):
+            return _error(401, "unauthorized", "A valid admin token is required")
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+
+
+async def health(request: web.Request) -> web.Response:
+    supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
+    alive = sum(
+        1 for h in supervisor.workers if h.process is not None and h.process.returncode is None
+    )
+    status = 200 if alive else 503
+    return web.json_response(
+        {
+            "status": "ok" if alive else "down",
+            "workers": alive,
+            "config_version": supervisor.version,
+        },
+        status=status,
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
+    return web.json_response(
+        {
+            "version": __version__,
+            "config_version": supervisor.version,
+            "config_path": supervisor.config_path,
+            "workers": [{"slot": h.slot, "pid": h.pid} for h in supervisor.workers],
+            "worker_restarts": supervisor.restarts,
+            "reloads": supervisor.reloads,
+        }
+    )
+
+
+async def reload(request: web.Request) -> web.Response:
+    from tollgate.runtime.supervisor import ReloadFailed
+
+    supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
+    try:
+        version = await supervisor.reload()
+    except ConfigError as exc:
+        return _error(
+            400,
+            "config_error",
+            "The new config is invalid; the previous one keeps serving",
+            problems=[str(p) for p in exc.problems],
+        )
+    except ReloadFailed as exc:
+        return _error(500, "reload_failed", str(exc))
+    return web.json_response({"reloaded": True, "config_version": version})
+
+
+async def start_admin(supervisor: Supervisor, listen: str) -> web.AppRunner:
+    app = web.Application(middlewares=[_guard])
+    app[SUPERVISOR] = supervisor
+    app.router.add_get("/health", health)
+    app.router.add_get("/admin/status", status)
+    app.router.add_post("/admin/reload", reload)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    await site.start()
+    return runner

@@ -1,0 +1,995 @@
+"""The client-facing HTTP/1.1 listener and proxy, on `asyncio.Protocol` + `httptools`.
+
+No framework sits here (see the measurements in tollgate.http.upstream): each connection parses
+with llhttp, routes, runs the route's access chain and streams the exchange to a pooled
+upstream connection, all from parser callbacks; a task is created only to open a new upstream
+connection or for an asynchronous policy. Writes to the client are collected while one read is
+parsed and sent in one call.
+
+What this module guarantees, and the conformance tests pin:
+- keep-alive, pipelined requests answered in order, `Connection: close` honoured;
+- bodies streamed both ways, with flow control (pause reading one side when the other side's
+  write buffer passes its high-water mark);
+- `Expect: 100-continue` answered by the gateway once the request is admitted;
+- request smuggling refused: Content-Length with Transfer-Encoding, duplicate or invalid
+  Content-Length, any Transfer-Encoding but `chunked`, obsolete line folding, bare CR or LF,
+  invalid chunk sizes: 400 and the connection closed;
+- limits: request line (414), header block and header count (431), body (413), header and body
+  read timeouts (408), idle keep-alive timeout (silent close);
+- `Upgrade` (WebSocket) tunnelled after the upstream's 101.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from tollgate.errors import UpstreamConnectError, UpstreamError
+from tollgate.http.exchange import Exchange
+from tollgate.http.headers import (
+    IDEMPOTENT_METHODS,
+    PLAIN_CONNECTION_TOKENS,
+    RESPONSE_DROP,
+    connection_tokens,
+)
+from tollgate.http.ids import acceptable_incoming_id, next_request_id
+from tollgate.http.paths import InvalidPath, needs_normalizing, normalize_path
+from tollgate.http.responses import GatewayResponse, error_response
+from tollgate.http.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from tollgate.runtime.runtime import CompiledRoute, TargetEntry
+    from tollgate.runtime.worker import WorkerState
+
+_now = time.monotonic
+
+# Client write buffer marks: past HIGH the upstream side stops reading.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+# Request body bytes held while the upstream connection is being opened, before pausing.
+BODY_BUFFER_HIGH = 256 * 1024
+# Pipelined requests queued behind the one in flight before the connection stops reading.
+PIPELINE_DEPTH = 16
+# After the gateway answered early (e.g. 401), unread request body it will read and drop to keep
+# the connection; past this it closes instead.
+DISCARD_LIMIT = 1024 * 1024
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_VIA = b"1.1 tollgate"
+_STATUS_LINES: dict[int, bytes] = {}
+_METHODS: dict[bytes, str] = {}
+_CHUNK_END = b"0\r\n\r\n"
+
+
+class _Reject(Exception):
+    """Raised in a parser callback: answer with this status and close the connection."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+def _method(raw: bytes) -> str:
+    method = _METHODS.get(raw)
+    if method is None:
+        method = raw.decode("ascii")
+        if len(_METHODS) < 64:
+            _METHODS[raw] = method
+    return method
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    if reason:
+        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d \r\n" % status
+    return line
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests, proxies them, answers in order."""
+
+    def __init__(self, state: WorkerState, scheme: bytes = b"http") -> None:
+        self.state = state
+        self.scheme = scheme
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.client_ip_b = b""
+        # receiving
+        self.rx: Exchange | None = None
+        self.in_head = False
+        self.head_bytes = 0
+        self.url = b""
+        # responding
+        self.cur: Exchange | None = None
+        self.pipeline: deque[Exchange] = deque()
+        self.up: UpstreamConnection | None = None
+        self.target: TargetEntry | None = None
+        self.target_index = -1
+        self.out: list[bytes] = []
+        self.resp_chunked = False
+        self.close_after = False
+        self.tunnel = False
+        self.tunnel_pending: bytes = b""
+        # housekeeping
+        self.deadline = 0.0
+        self.deadline_kind = 0  # 0 none, 1 head, 2 body, 3 keep-alive idle
+        self.closing = False
+        self.closed = False
+        self.requests = 0
+        self.paused_upstream = False
+        self.paused_buffer = False
+        self.paused_pipeline = False
+        self.reading_paused = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_ip = peer[0]
+        elif peer:
+            self.client_ip = str(peer)
+        self.client_ip_b = self.client_ip.encode()
+        self.state.connections.add(self)
+        limits = self.state.runtime.limits
+        self.deadline = _now() + limits.header_timeout
+        self.deadline_kind = 3
+        if self.state.draining:
+            self.closing = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.state.forget(self)
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.abandon()
+            self._balancer_finished(None)
+        ex = self.cur
+        if ex is not None and not ex.t_end:
+            ex.t_end = _now()
+            if not ex.response_started or not ex.status:
+                ex.status = 499  # the client went away first (nginx's convention)
+                ex.error_type = "client_disconnected"
+            self._log(ex)
+        self.cur = None
+        self.pipeline.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            if self.up is not None:
+                self.up.write(data)
+            else:
+                self.tunnel_pending += data
+            return
+        if self.in_head:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.tunnel_pending = data[upgrade.args[0] :]
+            self._pause_for_upgrade()
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._protocol_error(cause.status, cause.error_type, cause.message)
+            else:
+                self._protocol_error(400, "bad_request", "The request could not be processed")
+                self.state.log_exception("error in a parser callback", cause)
+        except httptools.HttpParserError as exc:
+            self._protocol_error(400, "bad_request", _parser_message(exc))
+        else:
+            if self.in_head and self.head_bytes > self.state.runtime.limits.max_header_size:
+                self._protocol_error(
+                    431, "request_header_too_large", "The request header block is too large"
+                )
+        if self.out:
+            self._flush()
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.resume_reading()
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still read the answer to what it sent.
+        return True if self.cur is not None else None
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        ex = Exchange()
+        ex.t_start = now = _now()
+        ex.client_ip = self.client_ip
+        self.rx = ex
+        self.in_head = True
+        self.url = b""
+        if self.deadline_kind != 2:
+            self.deadline = now + self.state.runtime.limits.header_timeout
+            self.deadline_kind = 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.state.runtime.limits.max_request_line:
+            raise _Reject(414, "uri_too_long", "The request target is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.rx
+        assert ex is not None
+        lname = name.lower()
+        ex.headers.append((lname, name, value))
+        header_map = ex.header_map
+        if lname in header_map:
+            if lname == b"content-length":
+                raise _Reject(400, "bad_request", "Duplicate Content-Length header")
+            if lname == b"transfer-encoding":
+                raise _Reject(400, "bad_request", "Duplicate Transfer-Encoding header")
+            if lname == b"host":
+                raise _Reject(400, "bad_request", "Duplicate Host header")
+        else:
+            header_map[lname] = value
+        if b"\r" in value or b"\n" in value:
+            raise _Reject(400, "bad_request", "Invalid character in a header value")
+        if len(ex.headers) > self.state.runtime.limits.max_headers:
+            raise _Reject(431, "request_header_too_large", "Too many request headers")
+
+    def on_headers_complete(self) -> None:
+        ex = self.rx
+        assert ex is not None
+        self.in_head = False
+        self.head_bytes = 0
+        parser = self.parser
+        ex.method_raw = raw_method = parser.get_method()
+        ex.method = _method(raw_method)
+        if parser.get_http_version() == "1.0":
+            ex.version = b"1.0"
+        ex.keep_alive = parser.should_keep_alive()
+        header_map = ex.header_map
+        # Framing: exactly one of Content-Length or a lone `chunked`, or no body.
+        transfer_encoding = header_map.get(b"transfer-encoding")
+        if transfer_encoding is not None:
+            if b"content-length" in header_map:
+                raise _Reject(400, "bad_request", "Both Content-Length and Transfer-Encoding")
+            if transfer_encoding.strip().lower() != b"chunked":
+                raise _Reject(400, "bad_request", "Unsupported Transfer-Encoding")
+            ex.request_chunked = True
+        # Target: origin-form, or absolute-form from a client that thinks we are a proxy.
+        url = self.url
+        if url[:1] != b"/":
+            url = self._absolute_form(ex, url)
+        path_bytes, _, query = url.partition(b"?")
+        if b"#" in path_bytes:
+            raise _Reject(400, "bad_request", "A fragment is not allowed in the request target")
+        ex.query = query
+        path = path_bytes.decode("latin-1")
+        if needs_normalizing(path):
+            try:
+                path = normalize_path(path)
+            except InvalidPath as exc:
+                raise _Reject(400, "bad_request", str(exc)) from None
+        ex.path = path
+        host = header_map.get(b"host")
+        if host is None:
+            if ex.version != b"1.0":
+                raise _Reject(400, "bad_request", "A Host header is required")
+            ex.host = ""
+        else:
+            ex.host = _host_name(host)
+        if parser.should_upgrade():
+            ex.upgrade = True
+        expect = header_map.get(b"expect")
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise _Reject(417, "expectation_failed", "Only 100-continue is supported")
+            ex.expect_continue = True
+        incoming_id = header_map.get(b"x-request-id")
+        if incoming_id is not None and acceptable_incoming_id(incoming_id):
+            ex.request_id = incoming_id.decode("ascii")
+        else:
+            ex.request_id = next_request_id()
+        if ex.request_chunked or b"content-length" in header_map:
+            self.deadline = ex.t_start + self.state.runtime.limits.body_timeout
+            self.deadline_kind = 2
+        else:
+            self.deadline = 0.0
+            self.deadline_kind = 0
+        if self.cur is None:
+            self.cur = ex
+            self._start(ex)
+        else:
+            self.pipeline.append(ex)
+            if len(self.pipeline) >= PIPELINE_DEPTH:
+                self.paused_pipeline = True
+                self._update_reading()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.rx
+        assert ex is not None
+        size = len(body)
+        ex.body_bytes += size
+        if self.deadline_kind == 2:
+            self.deadline = _now() + self.state.runtime.limits.body_timeout
+        if ex.discard:
+            if ex.body_bytes > DISCARD_LIMIT:
+                self.closing = True
+                self._close_now()
+            return
+        route = ex.route
+        limit = (
+            route.max_body_size if route is not None else self.state.runtime.limits.max_body_size
+        )
+        if limit and ex.body_bytes > limit:
+            raise _Reject(
+                413, "request_body_too_large", f"Request body is larger than {limit} bytes"
+            )
+        up = self.up
+        if up is not None and ex is self.cur and ex.body_buffer is None:
+            if ex.request_chunked:
+                up.write(b"%x\r\n%b\r\n" % (size, body))
+            else:
+                up.write(body)
+            return
+        if ex.body_buffer is None:
+            ex.body_buffer = [body]
+        else:
+            ex.body_buffer.append(body)
+        ex.buffered += size
+        if ex.buffered > BODY_BUFFER_HIGH and not self.paused_buffer:
+            self.paused_buffer = True
+            self._update_reading()
+
+    def on_message_complete(self) -> None:
+        ex = self.rx
+        assert ex is not None
+        self.rx = None
+        ex.request_complete = True
+        if self.deadline_kind == 2:
+            self.deadline = 0.0
+            self.deadline_kind = 0
+        if ex.discard:
+            ex.discard = False
+            return
+        if ex is self.cur and self.up is not None and ex.body_buffer is None and ex.request_chunked:
+            self.up.write(_CHUNK_END)
+
+    # -- request path ----------------------------------------------------------------------
+
+    def _absolute_form(self, ex: Exchange, url: bytes) -> bytes:
+        if url == b"*" and ex.method == "OPTIONS":
+            return b"/"
+        scheme, sep, rest = url.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            raise _Reject(400, "bad_request", "Invalid request target")
+        authority, slash, path = rest.partition(b"/")
+        if not authority:
+            raise _Reject(400, "bad_request", "Invalid request target")
+        # RFC 9112 §3.2.2: the authority of an absolute-form target replaces Host.
+        ex.header_map[b"host"] = authority
+        return b"/" + path if slash else b"/"
+
+    def _start(self, ex: Exchange) -> None:
+        """Route the current exchange and run its access chain; proxy it if admitted."""
+        if ex.preset_response is not None:
+            self._respond(ex, ex.preset_response)
+            return
+        runtime = self.state.runtime
+        found = runtime.router.match(ex.method, ex.host, ex.path, ex.header_map)
+        if found.__class__ is int:
+            self._no_route(ex, found)
+            return
+        route: CompiledRoute = found.payload  # type: ignore[union-attr, assignment]
+        self._admit(ex, route, found.path)  # type: ignore[union-attr]
+
+    def _admit(self, ex: Exchange, route: CompiledRoute, path: str) -> None:
+        ex.route = route
+        ex.params = None
+        upstream_path = (
+            route.service_path + path.encode("latin-1")
+            if route.service_path
+            else (path.encode("latin-1"))
+        )
+        ex.upstream_path = upstream_path
+        declared = ex.header_map.get(b"content-length")
+        if declared is not None and route.max_body_size and int(declared) > route.max_body_size:
+            self._respond(
+                ex,
+                error_response(
+                    413,
+                    "request_body_too_large",
+                    f"Request body is larger than {route.max_body_size} bytes",
+                    ex.request_id,
+                ),
+            )
+            return
+        access = route.access
+        for index, step in enumerate(access):
+            result = step(ex)
+            if result is not None:
+                if result.__class__ is GatewayResponse:
+                    self._respond(ex, result)
+                else:
+                    self._spawn(self._access_async(ex, route, result, index + 1))
+                return
+        self._proxy(ex, route, ())
+
+    async def _access_async(
+        self, ex: Exchange, route: CompiledRoute, pending: Any, next_index: int
+    ) -> None:
+        """The rest of an access chain after a policy needed I/O."""
+        result = await pending
+        access = route.access
+        index = next_index
+        while True:
+            if self.closed or ex is not self.cur:
+                return
+            if result is not None:
+                self._respond(ex, result)
+                self._flush()
+                return
+            if index >= len(access):
+                break
+            result = access[index](ex)
+            index += 1
+            if result is not None and result.__class__ is not GatewayResponse:
+                result = await result
+        self._proxy(ex, route, ())
+        self._flush()
+
+    def _no_route(self, ex: Exchange, status: int) -> None:
+        router = self.state.runtime.router
+        if status == 405:
+            # A CORS preflight is matched as the request it announces.
+            requested = ex.header_map.get(b"access-control-request-method")
+            if ex.method == "OPTIONS" and requested is not None:
+                found = router.match(_method(requested.strip()), ex.host, ex.path, ex.header_map)
+                if found.__class__ is not int:
+                    route: CompiledRoute = found.payload  # type: ignore[union-attr, assignment]
+                    if any(p.name == "cors" for p in route.policies):
+                        self._admit(ex, route, found.path)  # type: ignore[union-attr]
+                        return
+            allowed = ", ".join(sorted(router.allowed_methods(ex.host, ex.path, ex.header_map)))
+            self._respond(
+                ex,
+                error_response(
+                    405,
+                    "method_not_allowed",
+                    f"Method {ex.method} is not allowed on this route",
+                    ex.request_id,
+                    [(b"Allow", allowed.encode())],
+                ),
+            )
+            return
+        self._respond(
+            ex, error_response(404, "not_found", "No route matches the request", ex.request_id)
+        )
+
+    def _proxy(self, ex: Exchange, route: CompiledRoute, exclude: tuple[int, ...]) -> None:
+        group = route.upstream
+        key = self._hash_key(ex, group.hash_on) if group.needs_key else None
+        index = group.balancer.pick(key, exclude)
+        if index is None:
+            self._respond(
+                ex,
+                error_response(
+                    503, "no_upstream_available", "No upstream target is available", ex.request_id
+                ),
+            )
+            return
+        target = group.targets[index]
+        self.target = target
+        self.target_index = index
+        ex.tries += 1
+        ex.upstream_target = target.url
+        group.balancer.started(index)
+        conn = target.pool.acquire_idle() if not ex.upgrade else None
+        if conn is not None:
+            ex.t_upstream_start = ex.t_connected = _now()
+            self._send(ex, route, target, conn)
+        else:
+            ex.t_upstream_start = _now()
+            self._spawn(self._connect(ex, route, target, index, exclude))
+
+    def _hash_key(self, ex: Exchange, hash_on: str) -> bytes | None:
+        kind, _, name = hash_on.partition(":")
+        if kind == "ip":
+            return self.client_ip_b
+        if kind == "consumer":
+            return ex.consumer.id.encode() if ex.consumer is not None else self.client_ip_b
+        if kind == "header":
+            return ex.header_map.get(name.lower().encode())
+        cookies = ex.header_map.get(b"cookie")
+        if cookies:
+            wanted = name.encode() + b"="
+            for part in cookies.split(b";"):
+                part = part.strip()
+                if part.startswith(wanted):
+                    return part[len(wanted) :]
+        return None
+
+    async def _connect(
+        self,
+        ex: Exchange,
+        route: CompiledRoute,
+        target: TargetEntry,
+        index: int,
+        exclude: tuple[int, ...],
+    ) -> None:
+        try:
+            conn = await target.pool.connect()
+        except UpstreamError as error:
+            self._balancer_finished(None)
+            if self.closed or ex is not self.cur:
+                return
+            group = route.upstream
+            retry = (
+                isinstance(error, UpstreamConnectError)
+                and ex.method in IDEMPOTENT_METHODS
+                and ex.tries <= group.retries
+                and len(group.targets) > len(exclude) + 1
+            )
+            if retry:
+                self._proxy(ex, route, (*exclude, index))
+            else:
+                self._upstream_error(ex, error)
+            self._flush()
+            return
+        if self.closed or ex is not self.cur:
+            conn.close()
+            return
+        ex.t_connected = _now()
+        self._send(ex, route, target, conn)
+        self._flush()
+
+    def _send(
+        self, ex: Exchange, route: CompiledRoute, target: TargetEntry, conn: UpstreamConnection
+    ) -> None:
+        self.up = conn
+        head = self._request_head(ex, route, target)
+        buffered = ex.body_buffer
+        if buffered is not None:
+            ex.body_buffer = None
+            ex.buffered = 0
+            if ex.request_chunked:
+                pieces = [head]
+                for chunk in buffered:
+                    pieces.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                if ex.request_complete:
+                    pieces.append(_CHUNK_END)
+                data = b"".join(pieces)
+            else:
+                data = head + b"".join(buffered)
+            if self.paused_buffer:
+                self.paused_buffer = False
+                self._update_reading()
+        elif ex.request_chunked and ex.request_complete:
+            data = head + _CHUNK_END
+        else:
+            data = head
+        conn.send(self, data, ex.method == "HEAD")
+        if ex.expect_continue and not ex.request_complete:
+            self.out.append(_CONTINUE)
+
+    def _request_head(self, ex: Exchange, route: CompiledRoute, target: TargetEntry) -> bytes:
+        header_map = ex.header_map
+        parts = [ex.method_raw, b" ", ex.upstream_path]
+        if ex.query:
+            parts += (b"?", ex.query)
+        parts.append(b" HTTP/1.1\r\n")
+        drop = route.drop_request_headers
+        removed: frozenset[bytes] | set[bytes] | None = ex.upstream_remove
+        connection = header_map.get(b"connection")
+        if connection is not None:
+            listed = connection_tokens(connection) - PLAIN_CONNECTION_TOKENS
+            if listed:
+                removed = listed if removed is None else removed | listed
+        for lname, name, value in ex.headers:
+            if lname in drop or (removed is not None and lname in removed):
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        client_host = header_map.get(b"host", b"")
+        host = client_host if route.preserve_host and client_host else target.host_header
+        forwarded_for = header_map.get(b"x-forwarded-for")
+        via = header_map.get(b"via")
+        parts += (
+            b"Host: ",
+            host,
+            b"\r\nX-Forwarded-For: ",
+            forwarded_for + b", " + self.client_ip_b if forwarded_for else self.client_ip_b,
+            b"\r\nX-Forwarded-Proto: ",
+            self.scheme,
+            b"\r\nX-Forwarded-Host: ",
+            client_host,
+            b"\r\nVia: ",
+            via + b", " + _VIA if via else _VIA,
+            b"\r\n",
+            route.request_id_header,
+            b": ",
+            ex.request_id.encode(),
+            b"\r\n",
+        )
+        for name, value in ex.upstream_headers:
+            parts += (name, b": ", value, b"\r\n")
+        if ex.request_chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            length = header_map.get(b"content-length")
+            if length is not None:
+                parts += (b"Content-Length: ", length.strip(), b"\r\n")
+        if ex.upgrade:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", header_map.get(b"upgrade", b""), b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    # -- upstream events (Sink) -----------------------------------------------------------
+
+    def upstream_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        chunked: bool,
+        keep_alive: bool,
+    ) -> None:
+        ex = self.cur
+        assert ex is not None
+        now = ex.t_first_byte = _now()
+        ex.status = status
+        ex.source = "upstream"
+        ex.response_started = True
+        route = ex.route
+        assert route is not None
+        for step in route.upstream_response:
+            step(ex, status, headers)
+        parts = [_status_line(status, reason)]
+        has_length = False
+        drop: frozenset[bytes] | set[bytes] = RESPONSE_DROP
+        for name, value in headers:
+            lname = name.lower()
+            if lname in drop:
+                if lname == b"connection":
+                    listed = connection_tokens(value) - PLAIN_CONNECTION_TOKENS
+                    if listed:
+                        drop = drop | listed
+                elif lname == b"upgrade" and status == 101:
+                    parts += (name, b": ", value, b"\r\n")
+                continue
+            if lname == b"content-length":
+                has_length = True
+            parts += (name, b": ", value, b"\r\n")
+        if status == 101:
+            parts.append(b"Connection: upgrade\r\n")
+            self.tunnel = True
+        elif ex.method == "HEAD" or status in (204, 304):
+            pass
+        elif not has_length:
+            if ex.version == b"1.1":
+                self.resp_chunked = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.close_after = True
+        if route.echo_request_id:
+            parts += (route.request_id_header, b": ", ex.request_id.encode(), b"\r\n")
+        for name, value in ex.response_headers:
+            parts += (name, b": ", value, b"\r\n")
+        upstream_ms = int((now - ex.t_upstream_start) * 1000)
+        gateway_ms = int((now - ex.t_start) * 1000) - upstream_ms
+        parts += (
+            b"X-Tollgate-Upstream-Latency: %d\r\nX-Tollgate-Latency: %d\r\nVia: 1.1 tollgate\r\n"
+            % (upstream_ms, gateway_ms if gateway_ms > 0 else 0),
+        )
+        if not self._client_keep_alive(ex) and status != 101:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        self.out.append(b"".join(parts))
+        if status == 101:
+            self._flush()
+            pending = self.tunnel_pending
+            self.tunnel_pending = b""
+            if pending and self.up is not None:
+                self.up.write(pending)
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def upstream_body(self, chunk: bytes) -> None:
+        ex = self.cur
+        assert ex is not None
+        ex.bytes_out += len(chunk)
+        if self.resp_chunked:
+            self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.out.append(chunk)
+
+    def upstream_flush(self) -> None:
+        if self.out:
+            self._flush()
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def upstream_done(self, reusable: bool) -> None:
+        ex = self.cur
+        self.up = None
+        if ex is None:
+            return
+        if self.tunnel:
+            self._finish(ex, False)
+            return
+        if self.resp_chunked:
+            self.out.append(_CHUNK_END)
+        self._balancer_finished(ex)
+        self._finish(ex, self._client_keep_alive(ex))
+
+    def upstream_failed(self, error: UpstreamError, response_started: bool) -> None:
+        ex = self.cur
+        conn = self.up
+        self.up = None
+        self._balancer_finished(None)
+        if ex is None:
+            return
+        if response_started:
+            # Part of the response is out: the client can only learn of it by the connection's end.
+            ex.error_type = error.error_type
+            self._finish(ex, False)
+            self._flush()
+            return
+        route = ex.route
+        if (
+            route is not None
+            and ex.method in IDEMPOTENT_METHODS
+            and ex.body_bytes == 0
+            and ex.tries <= route.upstream.retries
+            and not self.closed
+            and conn is not None
+            and conn.reused
+            and error.error_type == "upstream_protocol_error"
+        ):
+            # A reused keep-alive connection closed by the upstream as we wrote: try a fresh one.
+            self._proxy(ex, route, ())
+            self._flush()
+            return
+        self._upstream_error(ex, error)
+        self._flush()
+
+    def upstream_pause(self) -> None:
+        self.paused_upstream = True
+        self._update_reading()
+
+    def upstream_resume(self) -> None:
+        self.paused_upstream = False
+        self._update_reading()
+
+    # -- answering and finishing ----------------------------------------------------------
+
+    def _upstream_error(self, ex: Exchange, error: UpstreamError) -> None:
+        self._respond(
+            ex, error_response(error.status, error.error_type, error.message, ex.request_id)
+        )
+
+    def _respond(self, ex: Exchange, response: GatewayResponse) -> None:
+        """Send a gateway-made response for the current exchange."""
+        ex.status = response.status
+        ex.source = "gateway"
+        ex.error_type = response.error_type or ""
+        ex.response_started = True
+        keep_alive = self._client_keep_alive(ex) and not response.close
+        if keep_alive and not ex.request_complete:
+            if ex.expect_continue or ex.upgrade:
+                keep_alive = False  # the client may or may not send the body: do not guess
+            else:
+                ex.discard = True
+                if ex.body_buffer is not None:
+                    ex.body_buffer = None
+                    ex.buffered = 0
+        extra: list[tuple[bytes, bytes]] = []
+        route = ex.route
+        if route is None or route.echo_request_id:
+            name = route.request_id_header if route is not None else b"X-Request-Id"
+            extra.append((name, ex.request_id.encode()))
+        if ex.response_headers:
+            extra.extend(ex.response_headers)
+        head = response.head(b"1.1", extra, keep_alive, ex.method == "HEAD")
+        self.out.append(head)
+        if response.body and ex.method != "HEAD":
+            self.out.append(response.body)
+            ex.bytes_out += len(response.body)
+        self._finish(ex, keep_alive)
+
+    def _client_keep_alive(self, ex: Exchange) -> bool:
+        if not ex.keep_alive or self.closing or self.close_after or self.state.draining:
+            return False
+        limit = self.state.runtime.limits.keepalive_requests
+        return not (limit and self.requests + 1 >= limit)
+
+    def _finish(self, ex: Exchange, keep_alive: bool) -> None:
+        ex.t_end = now = _now()
+        self.requests += 1
+        self.cur = None
+        self.target = None
+        self.resp_chunked = False
+        if ex.route is not None and ex.route.log:
+            self._log(ex)
+        if self.tunnel and self.up is None:
+            self._close_after_flush()
+            return
+        if not keep_alive or (not ex.request_complete and not ex.discard):
+            self._close_after_flush()
+            return
+        if self.pipeline:
+            nxt = self.pipeline.popleft()
+            if self.paused_pipeline and len(self.pipeline) < PIPELINE_DEPTH // 2:
+                self.paused_pipeline = False
+                self._update_reading()
+            self.cur = nxt
+            self._start(nxt)
+        elif self.rx is None and self.deadline_kind == 0:
+            self.deadline = now + self.state.runtime.limits.keepalive_timeout
+            self.deadline_kind = 3
+
+    def _log(self, ex: Exchange) -> None:
+        route = ex.route
+        if route is None:
+            return
+        for step in route.log:
+            try:
+                step(ex)
+            except Exception as exc:  # a log step must never break the connection
+                self.state.log_exception("error in a log phase", exc)
+
+    def _balancer_finished(self, ex: Exchange | None) -> None:
+        target_index = self.target_index
+        if target_index < 0:
+            return
+        self.target_index = -1
+        route = ex.route if ex is not None else (self.cur.route if self.cur is not None else None)
+        if route is None:
+            return
+        latency = (
+            ex.t_first_byte - ex.t_upstream_start if ex is not None and ex.t_first_byte else None
+        )
+        route.upstream.balancer.finished(target_index, latency)
+
+    def _protocol_error(self, status: int, error_type: str, message: str) -> None:
+        """The request stream is broken: answer in order, then close."""
+        self.parser = httptools.HttpRequestParser(self)  # never parse past a framing error
+        self.in_head = False
+        ex = self.rx or Exchange()
+        self.rx = None
+        if not ex.request_id:
+            ex.request_id = next_request_id()
+        if not ex.t_start:
+            ex.t_start = _now()
+        ex.keep_alive = False
+        ex.request_complete = True
+        response = error_response(status, error_type, message, ex.request_id)
+        response.close = True
+        self.closing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if ex is self.cur:
+            if ex.response_started:
+                self._close_now()
+                return
+            up = self.up
+            if up is not None:
+                self.up = None
+                up.abandon()
+                self._balancer_finished(None)
+            self._respond(ex, response)
+        elif self.cur is None:
+            self.cur = ex
+            self._respond(ex, response)
+        else:
+            ex.preset_response = response
+            self.pipeline.append(ex)
+
+    def _pause_for_upgrade(self) -> None:
+        # Bytes after an Upgrade request belong to the new protocol: hold them until the 101.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        paused = self.paused_upstream or self.paused_buffer or self.paused_pipeline
+        if paused and not self.reading_paused:
+            self.reading_paused = True
+            transport.pause_reading()
+        elif not paused and self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+
+    def _flush(self) -> None:
+        out = self.out
+        if self.transport is not None and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+        if self.closing and self.cur is None and not self.tunnel:
+            self._close_now()
+
+    def _close_after_flush(self) -> None:
+        self.closing = True
+        if self.cur is None and not self.out:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        if self.out and self.transport is not None and not self.closed:
+            self.transport.write(b"".join(self.out))
+            self.out.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _spawn(self, coro: Any) -> None:
+        self.state.spawn(coro)
+
+    # -- housekeeping called by the worker ------------------------------------------------
+
+    def check_deadline(self, now: float) -> None:
+        """Enforce the header, body and keep-alive timeouts (called by the worker's sweeper)."""
+        if not self.deadline or self.deadline > now:
+            return
+        kind = self.deadline_kind
+        self.deadline = 0.0
+        self.deadline_kind = 0
+        if kind == 3:
+            self._close_now()
+        elif kind == 1:
+            self._protocol_error(408, "request_timeout", "The request head took too long")
+            self._flush()
+        elif kind == 2:
+            ex = self.rx
+            if ex is not None and ex is self.cur and not ex.response_started:
+                self._protocol_error(408, "request_timeout", "The request body took too long")
+                self._flush()
+            else:
+                self._close_now()
+
+    def drain(self) -> None:
+        """Stop taking requests on this connection: close it if idle, else after the answer."""
+        self.closing = True
+        if self.cur is None and self.rx is None:
+            self._close_now()
+
+    @property
+    def idle(self) -> bool:
+        return self.cur is None and self.rx is None
+
+    def __repr__(self) -> str:
+        state = "idle" if self.idle else ("tunnel" if self.tunnel else "busy")
+        return f"ClientConnection({self.client_ip}, {state}, {self.requests} requests)"
+
+
+def _host_name(host: bytes) -> str:
+    """Lower-case host without port, from a Host header value."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        return text[: end + 1] if end > 0 else text
+    name, sep, port = text.rpartition(":")
+    if sep and port.isdigit():
+        return name
+    return text
+
+
+def _parser_message(exc: Exception) -> str:
+    text = str(exc)
+    if "chunk" in text.lower():
+        return "Invalid chunked encoding"
+    if "content-length" in text.lower():
+        return "Invalid Content-Length"
+    return "Malformed HTTP request"

@@ -1,0 +1,1 @@
+"""Compiling config into an immutable Runtime; workers, supervisor, reload and drain."""

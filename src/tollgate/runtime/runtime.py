@@ -1,0 +1,285 @@
+"""Config in, immutable Runtime out: the router, per-route policy chains and upstream groups.
+
+The request path reads one reference (`WorkerState.runtime`) per request and then only walks
+tuples built here. A reload compiles a new Runtime and swaps that reference; requests in flight
+keep the route objects they started with. Connection pools are the one thing shared between
+runtimes (by target), so a reload does not throw warm upstream connections away.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from tollgate.clock import SYSTEM_CLOCK, Clock
+from tollgate.config.schema import Config, ListenerLimits, PolicyEntryBase, Route, Service, Upstream
+from tollgate.http.headers import REQUEST_DROP
+from tollgate.http.upstream import Pool
+from tollgate.policies.base import Policy, registry
+from tollgate.routing.router import Router, RouteSpec
+from tollgate.runtime.context import CompileContext, ConsumerEntry, ConsumerIndex
+from tollgate.upstream.balancers import Balancer, create_balancer
+
+__all__ = [
+    "CompiledRoute",
+    "ConsumerEntry",
+    "PoolRegistry",
+    "Runtime",
+    "UpstreamGroup",
+    "compile_config",
+]
+
+
+@dataclass(slots=True)
+class TargetEntry:
+    url: str
+    scheme: str
+    host: str
+    port: int
+    host_header: bytes  # what `Host` carries upstream unless the route preserves the client's
+    weight: int
+    pool: Pool
+
+    def __repr__(self) -> str:
+        return f"TargetEntry({self.url}, weight={self.weight})"
+
+
+@dataclass(slots=True)
+class UpstreamGroup:
+    name: str
+    targets: tuple[TargetEntry, ...]
+    balancer: Balancer
+    hash_on: str
+    retries: int
+    needs_key: bool  # only consistent hashing looks at a per-request key
+
+    def __repr__(self) -> str:
+        return f"UpstreamGroup({self.name}, {len(self.targets)} targets, {self.balancer!r})"
+
+
+@dataclass(slots=True, eq=False)
+class CompiledRoute:
+    """Everything the request path needs for one route, computed once."""
+
+    name: str
+    service: str
+    upstream: UpstreamGroup
+    access: tuple[Callable[..., Any], ...]
+    upstream_response: tuple[Callable[..., Any], ...]
+    body: tuple[Callable[..., Any], ...]
+    log: tuple[Callable[..., Any], ...]
+    policies: tuple[Policy, ...]
+    drop_request_headers: frozenset[bytes]  # never forwarded (hop-by-hop, rewritten, credentials)
+    preserve_host: bool
+    service_path: bytes
+    max_body_size: int
+    request_id_header: bytes
+    echo_request_id: bool
+
+    def __repr__(self) -> str:
+        return f"CompiledRoute({self.service}/{self.name} -> {self.upstream.name})"
+
+
+class PoolRegistry:
+    """Per-worker connection pools by target, kept across reloads."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple[Any, ...], Pool] = {}
+
+    def get(self, upstream: Upstream, scheme: str, host: str, port: int) -> Pool:
+        key = (scheme, host, port, upstream.tls_verify, upstream.ca_file, upstream.sni)
+        pool = self.pools.get(key)
+        if pool is None:
+            ssl_context = None
+            if scheme == "https":
+                ssl_context = ssl.create_default_context(cafile=upstream.ca_file)
+                if not upstream.tls_verify:
+                    ssl_context.check_hostname = False
+                    ssl_context.verify_mode = ssl.CERT_NONE
+            pool = Pool(
+                host,
+                port,
+                ssl_context=ssl_context,
+                server_hostname=upstream.sni or host,
+                settings=upstream.pool,
+                timeouts=upstream.timeouts,
+                dns_ttl=upstream.dns_ttl,
+            )
+            self.pools[key] = pool
+        else:
+            pool.configure(upstream.pool, upstream.timeouts)
+        return pool
+
+    def sweep(self, now: float) -> None:
+        for pool in self.pools.values():
+            pool.sweep(now)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+    def __repr__(self) -> str:
+        return f"PoolRegistry({len(self.pools)} pools)"
+
+
+@dataclass(slots=True)
+class Runtime:
+    version: int
+    config: Config
+    router: Router
+    consumers: ConsumerIndex
+    upstreams: dict[str, UpstreamGroup]
+    limits: ListenerLimits
+    routes: list[CompiledRoute] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"Runtime(version={self.version}, {len(self.routes)} routes)"
+
+
+def _upstream_group(upstream: Upstream, pools: PoolRegistry, clock: Clock) -> UpstreamGroup:
+    targets = []
+    for target in upstream.targets:
+        parts = urlsplit(target.url)
+        scheme = parts.scheme
+        host = parts.hostname or ""
+        default_port = 443 if scheme == "https" else 80
+        port = parts.port or default_port
+        host_header = host if port == default_port else f"{host}:{port}"
+        if ":" in host and not host.startswith("["):
+            host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
+        targets.append(
+            TargetEntry(
+                url=target.url,
+                scheme=scheme,
+                host=host,
+                port=port,
+                host_header=host_header.encode("idna"),
+                weight=target.weight,
+                pool=pools.get(upstream, scheme, host, port),
+            )
+        )
+    balancer = create_balancer(upstream.balance, [t.weight for t in targets], clock=clock)
+    return UpstreamGroup(
+        upstream.name,
+        tuple(targets),
+        balancer,
+        upstream.hash_on,
+        upstream.retries,
+        needs_key=upstream.balance == "consistent-hash",
+    )
+
+
+def _effective_policies(
+    config: Config, service: Service, route: Route, context: CompileContext
+) -> tuple[Policy, ...]:
+    """Global, then service, then route entries; a later entry of the same name replaces an
+    earlier one. Sorted by priority (higher first), config order among equals."""
+    chosen: dict[str, tuple[int, Any]] = {}
+    order = 0
+    for entries in (config.policies, service.policies, route.policies):
+        for entry in entries:
+            name, policy_config = cast(PolicyEntryBase, entry).spec()
+            chosen[name] = (order, policy_config)
+            order += 1
+    classes = registry()
+    instances = []
+    for name, (position, policy_config) in chosen.items():
+        cls = classes[name]
+        instances.append((-cls.priority, position, cls(policy_config, context)))
+    instances.sort(key=lambda item: (item[0], item[1]))
+    return tuple(policy for _, _, policy in instances)
+
+
+def _compile_route(
+    config: Config,
+    service: Service,
+    route: Route,
+    group: UpstreamGroup,
+    consumers: ConsumerIndex,
+    clock: Clock,
+) -> CompiledRoute:
+    context = CompileContext(
+        consumers=consumers, clock=clock, service=service.name, route=route.name
+    )
+    policies = _effective_policies(config, service, route, context)
+    drop = set(REQUEST_DROP)
+    max_body_size = config.gateway.limits.max_body_size
+    request_id_header = b"X-Request-Id"
+    echo_request_id = True
+    for policy in policies:
+        drop |= getattr(policy, "drops_request_headers", frozenset())
+        size = getattr(policy, "max_body_size", None)
+        if size is not None:
+            max_body_size = size if not max_body_size else min(max_body_size, size)
+        if policy.name == "request-id":
+            request_id_header = policy.header_name  # type: ignore[attr-defined]
+            echo_request_id = policy.echo  # type: ignore[attr-defined]
+
+    def chain(phase: str) -> tuple[Callable[..., Any], ...]:
+        return tuple(getattr(p, phase) for p in policies if phase in p.phases())
+
+    return CompiledRoute(
+        name=route.name,
+        service=service.name,
+        upstream=group,
+        access=chain("access"),
+        upstream_response=chain("upstream_response"),
+        body=chain("body"),
+        log=chain("log"),
+        policies=policies,
+        drop_request_headers=frozenset(drop),
+        preserve_host=service.preserve_host if route.preserve_host is None else route.preserve_host,
+        service_path=service.path.encode(),
+        max_body_size=max_body_size,
+        request_id_header=request_id_header,
+        echo_request_id=echo_request_id,
+    )
+
+
+def compile_config(
+    config: Config, pools: PoolRegistry, *, version: int = 1, clock: Clock = SYSTEM_CLOCK
+) -> Runtime:
+    """Build a Runtime. Raises ValueError (with the route named) for what validation could not
+    catch, such as a route the router cannot compile; the caller keeps the old runtime then."""
+    consumers = ConsumerIndex.build(config.consumers)
+    groups = {u.name: _upstream_group(u, pools, clock) for u in config.upstreams}
+    specs: list[RouteSpec] = []
+    routes: list[CompiledRoute] = []
+    for service in config.services:
+        group = groups[service.upstream]
+        for route in service.routes:
+            try:
+                compiled = _compile_route(config, service, route, group, consumers, clock)
+            except ValueError as exc:
+                raise ValueError(f"service {service.name!r} route {route.name!r}: {exc}") from None
+            routes.append(compiled)
+            specs.append(
+                RouteSpec(
+                    payload=compiled,
+                    hosts=tuple(h.lower() for h in route.hosts),
+                    paths=tuple(route.paths),
+                    methods=frozenset(route.methods),
+                    headers=tuple(
+                        (
+                            name.lower(),
+                            frozenset([values] if isinstance(values, str) else values),
+                        )
+                        for name, values in route.headers.items()
+                    ),
+                    strip_path=route.strip_path,
+                    name=f"{service.name}/{route.name}",
+                )
+            )
+    router = Router(specs)
+    return Runtime(
+        version=version,
+        config=config,
+        router=router,
+        consumers=consumers,
+        upstreams=groups,
+        limits=config.gateway.limits,
+        routes=routes,
+    )

@@ -1,0 +1,283 @@
+"""The supervisor: starts the workers, restarts crashed ones, reloads and drains them.
+
+It is the control plane of one node: it owns the config file, validates and compiles every new
+version before any worker sees it, serves the admin API, and talks to each worker over a
+private control socket. Workers are fresh interpreters (not forks of a process that runs an
+event loop), each binding the data-plane port with SO_REUSEPORT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tollgate.config.schema import Config
+from tollgate.errors import ConfigError
+from tollgate.runtime.runtime import PoolRegistry, compile_config
+from tollgate.runtime.worker import encode_message, read_message
+
+log = logging.getLogger("tollgate.supervisor")
+
+# A worker that dies sooner than this after starting counts as crash-looping: wait longer.
+CRASH_LOOP_WINDOW = 5.0
+RESTART_BACKOFF_MAX = 10.0
+START_TIMEOUT = 30.0
+RELOAD_TIMEOUT = 30.0
+
+
+def worker_count(config: Config) -> int:
+    workers = config.gateway.workers
+    if workers == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+    return int(workers)
+
+
+@dataclass
+class WorkerHandle:
+    slot: int
+    process: asyncio.subprocess.Process | None = None
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    started_at: float = 0.0
+    replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+
+class ReloadFailed(Exception):
+    pass
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config_path: str,
+        config: Config,
+        data: dict[str, Any],
+        log_format: str,
+        log_level: str,
+    ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.data = data
+        self.log_format = log_format
+        self.log_level = log_level
+        self.version = 1
+        self.workers: list[WorkerHandle] = []
+        self.stopping = False
+        self.restarts = 0
+        self.reloads = 0
+        self._stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.admin: Any = None
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def _spawn(self, handle: WorkerHandle) -> None:
+        parent, child = socket.socketpair()
+        try:
+            handle.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tollgate.runtime.worker",
+                str(child.fileno()),
+                self.log_format,
+                self.log_level,
+                pass_fds=(child.fileno(),),
+            )
+        finally:
+            child.close()
+        handle.reader, handle.writer = await asyncio.open_connection(sock=parent)
+        handle.started_at = time.monotonic()
+        handle.replies = asyncio.Queue()
+        handle.writer.write(
+            encode_message(
+                {
+                    "type": "start",
+                    "config": self.data,
+                    "version": self.version,
+                    "source": self.config_path,
+                }
+            )
+        )
+        await handle.writer.drain()
+        self._track(self._read_replies(handle))
+        reply = await asyncio.wait_for(handle.replies.get(), START_TIMEOUT)
+        if reply.get("type") != "ready":
+            raise RuntimeError(reply.get("error") or f"worker {handle.slot} did not start")
+        self._track(self._watch(handle, handle.process))
+
+    async def _read_replies(self, handle: WorkerHandle) -> None:
+        reader = handle.reader
+        assert reader is not None
+        while True:
+            message = await read_message(reader)
+            if message is None:
+                await handle.replies.put({"type": "gone"})
+                return
+            await handle.replies.put(message)
+
+    async def _watch(self, handle: WorkerHandle, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        if self.stopping or handle.process is not process:
+            return
+        lived = time.monotonic() - handle.started_at
+        log.error("worker %d (pid %d) exited with %s; restarting", handle.slot, process.pid, code)
+        self.restarts += 1
+        delay = 0.0 if lived > CRASH_LOOP_WINDOW else min(RESTART_BACKOFF_MAX, 0.5 * self.restarts)
+        await asyncio.sleep(delay)
+        if self.stopping:
+            return
+        try:
+            await self._spawn(handle)
+            log.info("worker %d restarted as pid %s", handle.slot, handle.pid)
+        except Exception as exc:
+            log.error("restarting worker %d failed: %s", handle.slot, exc)
+            self._track(self._watch(handle, process))  # try again after the backoff
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self) -> int:
+        """Re-read the config file, validate and compile it, then swap it in every worker."""
+        from tollgate.config.loader import read_config
+
+        async with self._reload_lock:
+            config, data = read_config(self.config_path)
+            try:
+                compile_config(config, PoolRegistry(), version=self.version + 1)
+            except ValueError as exc:
+                raise ReloadFailed(f"{self.config_path}: {exc}") from None
+            if config.gateway.listen != self.config.gateway.listen or worker_count(
+                config
+            ) != worker_count(self.config):
+                log.warning("gateway.listen and gateway.workers change only on restart")
+            version = self.version + 1
+            message = encode_message(
+                {"type": "reload", "config": data, "version": version, "source": self.config_path}
+            )
+            failures = []
+            for handle in self.workers:
+                if handle.writer is None:
+                    continue
+                handle.writer.write(message)
+                await handle.writer.drain()
+            for handle in self.workers:
+                try:
+                    reply = await asyncio.wait_for(handle.replies.get(), RELOAD_TIMEOUT)
+                except TimeoutError:
+                    reply = {"type": "reload_failed", "error": "no answer"}
+                if reply.get("type") != "reloaded":
+                    failures.append(f"worker {handle.slot}: {reply.get('error', reply)}")
+            self.version = version
+            self.config = config
+            self.data = data
+            self.reloads += 1
+            if failures:
+                raise ReloadFailed("; ".join(failures))
+            log.info("config version %d is live in %d workers", version, len(self.workers))
+            return version
+
+    async def _reload_on_signal(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("reload rejected, the previous config keeps serving:\n%s", exc)
+        except ReloadFailed as exc:
+            log.error("reload failed: %s", exc)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        count = worker_count(self.config)
+        try:
+            for slot in range(count):
+                handle = WorkerHandle(slot)
+                self.workers.append(handle)
+                await self._spawn(handle)
+        except Exception as exc:
+            log.error("%s", exc)
+            await self._stop_workers(0.0)
+            return 1
+        if self.config.admin.listen is not None:
+            from tollgate.admin.server import start_admin
+
+            try:
+                self.admin = await start_admin(self, self.config.admin.listen)
+            except OSError as exc:
+                log.error("cannot listen on %s (admin): %s", self.config.admin.listen, exc)
+                await self._stop_workers(0.0)
+                return 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopped.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._track(self._reload_on_signal()))
+        log.info(
+            "tollgate serving on %s with %d worker(s) (pids %s)",
+            self.config.gateway.listen,
+            count,
+            ", ".join(str(h.pid) for h in self.workers),
+        )
+        await self._stopped.wait()
+        log.info("draining (up to %.0fs)", self.config.gateway.drain_timeout)
+        await self._stop_workers(self.config.gateway.drain_timeout)
+        if self.admin is not None:
+            await self.admin.cleanup()
+        return 0
+
+    async def _stop_workers(self, grace: float) -> None:
+        self.stopping = True
+        processes = [h.process for h in self.workers if h.process is not None]
+        for process in processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        waits = [p.wait() for p in processes if p.returncode is None]
+        if waits:
+            _done, pending = await asyncio.wait(
+                [asyncio.ensure_future(w) for w in waits], timeout=grace + 5.0
+            )
+            for process in processes:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def serve(
+    config_path: str,
+    config: Config,
+    data: dict[str, Any],
+    *,
+    log_format: str = "human",
+    log_level: str = "info",
+) -> int:
+    """Run the gateway in the foreground until SIGTERM or SIGINT; returns the exit code."""
+    import uvloop
+
+    async def main() -> int:
+        supervisor = Supervisor(config_path, config, data, log_format, log_level)
+        return await supervisor.run()
+
+    return int(uvloop.run(main()))

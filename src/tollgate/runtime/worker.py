@@ -1,0 +1,289 @@
+"""A worker: one event loop serving the data plane with the current Runtime.
+
+`Gateway` runs in any event loop (tests start it in-process); `run_worker` is the entry point
+of a worker process started by the supervisor, which sends it its config and reload orders over
+a control socket as length-prefixed JSON messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import struct
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import orjson
+
+from tollgate.config.schema import Config
+from tollgate.http.ids import reseed
+from tollgate.http.server import ClientConnection
+from tollgate.runtime.runtime import PoolRegistry, Runtime, compile_config
+
+log = logging.getLogger("tollgate.worker")
+
+# How often deadlines (header/body/keep-alive/upstream timeouts, idle pools) are checked: a
+# fraction of the shortest configured timeout, so none fires later than ~25% past its time.
+SWEEP_MIN = 0.05
+SWEEP_MAX = 1.0
+
+
+def _sweep_interval(config: Config) -> float:
+    limits = config.gateway.limits
+    shortest = min(limits.header_timeout, limits.body_timeout, limits.keepalive_timeout)
+    for upstream in config.upstreams:
+        shortest = min(shortest, upstream.timeouts.read, upstream.timeouts.write)
+    return max(SWEEP_MIN, min(SWEEP_MAX, shortest / 4))
+
+
+class WorkerState:
+    """What every connection of a worker shares: the current runtime, pools, bookkeeping."""
+
+    def __init__(self, runtime: Runtime, pools: PoolRegistry) -> None:
+        self.runtime = runtime
+        self.pools = pools
+        self.connections: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.draining = False
+        self.all_closed: asyncio.Event | None = None  # set by drain(), fired at the last close
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self.all_closed is not None:
+            self.all_closed.set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log_exception("error in a request task", task.exception())
+
+    def log_exception(self, message: str, exc: BaseException | None) -> None:
+        log.error(message, exc_info=exc)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for c in self.connections if not c.idle)
+
+    def __repr__(self) -> str:
+        return f"WorkerState({self.runtime!r}, {len(self.connections)} connections)"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def listen_socket(listen: str, *, reuse_port: bool) -> socket.socket:
+    """A bound, listening TCP socket; SO_REUSEPORT lets every worker bind the same port."""
+    host, port = split_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    tls = config.gateway.tls
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class Gateway:
+    """The data plane of one worker: listener, runtime, reload and drain."""
+
+    def __init__(self, config: Config) -> None:
+        self.pools = PoolRegistry()
+        self.version = 1
+        runtime = compile_config(config, self.pools, version=self.version)
+        self.state = WorkerState(runtime, self.pools)
+        self.server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_every = _sweep_interval(config)
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.state.runtime
+
+    async def start(self, sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
+        config = self.state.runtime.config
+        if sock is None:
+            sock = listen_socket(config.gateway.listen, reuse_port=reuse_port)
+        tls = _tls_context(config)
+        scheme = b"https" if tls is not None else b"http"
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ClientConnection(self.state, scheme), sock=sock, ssl=tls, backlog=2048
+        )
+        self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def reload(self, config: Config) -> Runtime:
+        """Compile and swap. On error the exception propagates and the old runtime stays."""
+        runtime = compile_config(config, self.pools, version=self.version + 1)
+        self.version += 1
+        self.state.runtime = runtime
+        self._sweep_every = _sweep_interval(config)
+        return runtime
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_every)
+            now = time.monotonic()
+            for conn in list(self.state.connections):
+                conn.check_deadline(now)
+            self.pools.sweep(now)
+
+    async def drain(self, grace: float) -> bool:
+        """Stop accepting, let in-flight requests finish up to `grace` seconds; True if all did."""
+        self.state.draining = True
+        self.state.all_closed = all_closed = asyncio.Event()
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.state.connections):
+            conn.drain()
+        if self.state.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_closed.wait(), grace)
+        finished = not self.state.connections
+        await self.close()
+        return finished
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.state.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.pools.close()
+        for task in list(self.state.tasks):
+            task.cancel()
+
+    def __repr__(self) -> str:
+        return f"Gateway(version={self.version}, {self.state!r})"
+
+
+# -- the worker process ---------------------------------------------------------------------
+
+_HEADER = struct.Struct("!I")
+
+
+async def read_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    try:
+        head = await reader.readexactly(_HEADER.size)
+        body = await reader.readexactly(_HEADER.unpack(head)[0])
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    message: dict[str, Any] = orjson.loads(body)
+    return message
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    body = orjson.dumps(message)
+    return _HEADER.pack(len(body)) + body
+
+
+async def _worker_main(control_fd: int) -> int:
+    from tollgate.config.loader import parse_config_data
+
+    loop = asyncio.get_running_loop()
+    control = socket.socket(fileno=control_fd)
+    reader, writer = await asyncio.open_connection(sock=control)
+    first = await read_message(reader)
+    if first is None or first.get("type") != "start":
+        return 3
+    config = parse_config_data(first["config"], first.get("source", "<config>"))
+    gateway = Gateway(config)
+    gateway.version = int(first.get("version", 1))
+    try:
+        await gateway.start(reuse_port=True)
+    except OSError as exc:
+        writer.write(
+            encode_message(
+                {
+                    "type": "failed",
+                    "error": f"cannot listen on {config.gateway.listen}: {exc.strerror or exc}",
+                }
+            )
+        )
+        await writer.drain()
+        return 4
+    writer.write(encode_message({"type": "ready", "pid": os.getpid()}))
+    await writer.drain()
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come from the supervisor
+
+    async def control_loop() -> None:
+        while True:
+            message = await read_message(reader)
+            if message is None:
+                stop.set()  # the supervisor is gone: do not linger as an orphan
+                return
+            if message.get("type") == "reload":
+                try:
+                    new = parse_config_data(message["config"], message.get("source", "<config>"))
+                    gateway.version = int(message["version"]) - 1
+                    gateway.reload(new)
+                    reply = {"type": "reloaded", "version": gateway.version}
+                except Exception as exc:
+                    reply = {"type": "reload_failed", "error": str(exc)}
+                writer.write(encode_message(reply))
+                await writer.drain()
+            elif message.get("type") == "stop":
+                stop.set()
+                return
+
+    control_task = loop.create_task(control_loop())
+    await stop.wait()
+    grace = gateway.runtime.config.gateway.drain_timeout
+    finished = await gateway.drain(grace)
+    control_task.cancel()
+    if not finished:
+        log.warning("drain timed out after %.1fs; open connections were closed", grace)
+    return 0
+
+
+def run_worker(control_fd: int, log_format: str = "human", log_level: str = "info") -> int:
+    from tollgate.logging import setup_logging
+
+    setup_logging(log_format, log_level)
+    reseed()
+    try:
+        import uvloop
+
+        return int(uvloop.run(_worker_main(control_fd)))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_worker(int(sys.argv[1]), *sys.argv[2:4]))
