@@ -17,15 +17,16 @@ import timeit
 from collections.abc import Callable
 from functools import partial
 
-from tollgate.routing import Router, RouteSpec
+from tollgate.routing import RouteMatch, Router, RouteSpec
 
 REGEX_ROUTES = 20
 WILDCARD_HOSTS = 5
 REPEATS = 5
 
 Request = tuple[str, str, str, dict[bytes, bytes]]
+Case = tuple[object, Request]  # the expected payload (or 404), the request
 HEADERS: dict[bytes, bytes] = {b"user-agent": b"bench", b"accept": b"*/*"}
-NOT_FOUND: Request = ("GET", "api.example.com", "/nothing/here", HEADERS)
+NOT_FOUND: Case = (404, ("GET", "api.example.com", "/nothing/here", HEADERS))
 
 
 def mixed_routes(count: int) -> list[RouteSpec]:
@@ -66,7 +67,7 @@ def prefix_routes(count: int) -> list[RouteSpec]:
     return [spec(f"prefix-{index}", paths=(f"/svc{index}",)) for index in range(count)]
 
 
-def request_for(spec: RouteSpec) -> Request:
+def request_for(spec: RouteSpec) -> Case:
     """A request that `spec` serves."""
     host = spec.hosts[0].replace("*", "a") if spec.hosts else "api.example.com"
     path = spec.paths[0] if spec.paths else "/anything"
@@ -78,10 +79,10 @@ def request_for(spec: RouteSpec) -> Request:
         path = path.replace("{id}", "42")
     else:
         path += "/orders/42"
-    return "GET", host, path, HEADERS
+    return spec.payload, ("GET", host, path, HEADERS)
 
 
-def cases(specs: list[RouteSpec]) -> dict[str, Request]:
+def cases(specs: list[RouteSpec]) -> dict[str, Case]:
     """Requests by label: the first, middle and last prefix route, one of each other kind, 404."""
 
     def of_kind(kind: str) -> list[RouteSpec]:
@@ -107,17 +108,18 @@ def mean_microseconds(call: Callable[[], object], calls: int) -> float:
     return best / calls * 1e6
 
 
-def time_router(router: Router, requests: dict[str, Request], calls: int) -> dict[str, float]:
+def time_router(router: Router, cases: dict[str, Case], calls: int) -> dict[str, float]:
     results: dict[str, float] = {}
-    for label, (method, host, path, headers) in requests.items():
-        answer = router.match(method, host, path, headers)
-        expected_404 = label == "404"
-        if (answer == 404) != expected_404:
-            raise SystemExit(f"{label}: unexpected answer {answer!r} for {path!r}")
-        results[label] = mean_microseconds(
-            partial(router.match, method, host, path, headers), calls
-        )
+    for label, (expected, request) in cases.items():
+        answer = router.match(*request)
+        if (answer.payload if isinstance(answer, RouteMatch) else answer) != expected:
+            raise SystemExit(f"{label}: {request} answered {answer!r}, not {expected!r}")
+        results[label] = mean_microseconds(partial(router.match, *request), calls)
     return results
+
+
+def empty_call(method: str, host: str, path: str, headers: dict[bytes, bytes]) -> None:
+    """What calling any Python function with match's arguments costs on this machine."""
 
 
 def main() -> None:
@@ -146,6 +148,8 @@ def main() -> None:
 
     labels = list(next(iter(columns.values())))
     print(f"\nmean match time, microseconds (best of {REPEATS} runs of {calls:,} calls)")
+    baseline = mean_microseconds(partial(empty_call, *NOT_FOUND[1]), calls)
+    print(f"for scale, an empty function with the same arguments: {baseline:.2f}")
     print(f"{'':<15}" + "".join(f"{name:>18}" for name in columns))
     for label in labels:
         cells = "".join(

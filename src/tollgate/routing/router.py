@@ -22,7 +22,8 @@ Path syntax
     written are honoured, so ``~/v\\d+`` also matches ``/v2/anything``. Named groups that took
     part in the match land in `RouteMatch.params`.
 
-No paths at all means any path.
+No paths at all means any path. Hosts and header names are compared lower-case, methods
+upper-case (GET does not imply HEAD), header values exactly, as latin-1 text.
 
 Precedence
 ----------
@@ -37,8 +38,11 @@ Precedence
    request but some route matched all except the method, the answer is 405.
 
 In short, candidates are tried in one total order and the first whose headers and method fit
-wins. `strip_path` removes the matched prefix (``/orders/42`` with ``/orders`` is sent as
-``/42``); for exact, template and regex paths it removes the whole matched part.
+wins.
+
+`strip_path` removes the matched prefix: ``/orders/42`` with ``/orders`` is sent as ``/42``,
+``/orders`` as ``/``, and ``/api/x`` with ``/api/`` as ``/x``. For exact, template and regex
+paths it removes the whole matched part (what a regex leaves gets a leading ``/``).
 
 Cost
 ----
@@ -108,6 +112,14 @@ _new_match: Final = tuple.__new__
 HeaderConditions = tuple[tuple[bytes, frozenset[bytes]], ...]
 
 
+class _Conditions(NamedTuple):
+    """What a spec asks of a request besides host and path, compiled once for all its paths."""
+
+    order: int  # position in the config: the last tie-breaker
+    methods: frozenset[str] | None
+    headers: HeaderConditions | None
+
+
 class _Route:
     """One path of one spec, compiled: the conditions checked on every request."""
 
@@ -122,15 +134,15 @@ class _Route:
         "unconditional",
     )
 
-    def __init__(self, spec: RouteSpec, order: int, headers: HeaderConditions | None) -> None:
+    def __init__(self, spec: RouteSpec, conditions: _Conditions) -> None:
         self.payload = spec.payload
         self.name = spec.name
-        self.order = order
-        self.methods = frozenset(method.upper() for method in spec.methods) or None
-        self.headers = headers
-        self.header_count = len(headers) if headers else 0
+        self.order = conditions.order
+        self.methods = conditions.methods
+        self.headers = conditions.headers
+        self.header_count = len(self.headers) if self.headers else 0
         self.strip = spec.strip_path
-        self.unconditional = headers is None and self.methods is None
+        self.unconditional = self.headers is None and self.methods is None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, order={self.order})"
@@ -139,16 +151,16 @@ class _Route:
 class _ExactRoute(_Route):
     __slots__ = ("result",)
 
-    def __init__(self, spec: RouteSpec, order: int, headers: HeaderConditions | None, path: str):
-        super().__init__(spec, order, headers)
+    def __init__(self, spec: RouteSpec, conditions: _Conditions, path: str) -> None:
+        super().__init__(spec, conditions)
         self.result = RouteMatch(spec.payload, "/" if spec.strip_path else path, NO_PARAMS)
 
 
 class _PrefixRoute(_Route):
     __slots__ = ("cut",)
 
-    def __init__(self, spec: RouteSpec, order: int, headers: HeaderConditions | None, key: str):
-        super().__init__(spec, order, headers)
+    def __init__(self, spec: RouteSpec, conditions: _Conditions, key: str) -> None:
+        super().__init__(spec, conditions)
         # Removing only the key keeps the slash of a prefix written with one: /api/ on /api/x
         # leaves /x. Without strip_path nothing is removed.
         self.cut = len(key) if spec.strip_path else 0
@@ -157,14 +169,8 @@ class _PrefixRoute(_Route):
 class _TemplateRoute(_Route):
     __slots__ = ("params_at", "rank", "rest_at", "rest_name")
 
-    def __init__(
-        self,
-        spec: RouteSpec,
-        order: int,
-        headers: HeaderConditions | None,
-        segments: list[str],
-    ) -> None:
-        super().__init__(spec, order, headers)
+    def __init__(self, spec: RouteSpec, conditions: _Conditions, segments: list[str]) -> None:
+        super().__init__(spec, conditions)
         params_at: list[tuple[str, int]] = []
         self.rest_name = ""
         self.rest_at = -1
@@ -179,7 +185,7 @@ class _TemplateRoute(_Route):
                 params_at.append((parameter.group(1), index))
         self.params_at = tuple(params_at)
         rest = 1 if self.rest_at >= 0 else 0
-        self.rank = (-literal_count, -len(segments), rest, -self.header_count, order)
+        self.rank = (-literal_count, -len(segments), rest, -self.header_count, self.order)
 
     def params(self, segments: list[str]) -> dict[str, str]:
         params = {name: segments[index] for name, index in self.params_at}
@@ -191,14 +197,8 @@ class _TemplateRoute(_Route):
 class _RegexRoute(_Route):
     __slots__ = ("has_groups", "pattern")
 
-    def __init__(
-        self,
-        spec: RouteSpec,
-        order: int,
-        headers: HeaderConditions | None,
-        pattern: re.Pattern[str],
-    ) -> None:
-        super().__init__(spec, order, headers)
+    def __init__(self, spec: RouteSpec, conditions: _Conditions, pattern: re.Pattern[str]) -> None:
+        super().__init__(spec, conditions)
         self.pattern = pattern
         self.has_groups = bool(pattern.groupindex)
 
@@ -254,7 +254,8 @@ class _TemplateNode:
         self.parameter: _TemplateNode | None = None
         self.ends: list[_TemplateRoute] = []  # templates that end here
         self.rests: list[_TemplateRoute] = []  # templates whose {name...} starts here
-        # At the root: whether a path can match without its first segment in `literals`.
+        # Set on the root when sealed: whether a path whose first segment is not in `literals`
+        # can still match (through a parameter).
         self.any_first_segment = True
 
     def add(self, segments: list[str], route: _TemplateRoute) -> None:
@@ -302,16 +303,33 @@ class _PathTable:
         "templates",
     )
 
-    def __init__(self) -> None:
-        self.exact: dict[str, tuple[_ExactRoute, ...]] = {}
-        self.templates: _TemplateNode | None = None
+    def __init__(
+        self,
+        exact: dict[str, tuple[_ExactRoute, ...]],
+        templates: _TemplateNode | None,
+        prefix_at_end: dict[str, tuple[_PrefixRoute, ...]],
+        prefix_at_slash: dict[str, tuple[_PrefixRoute, ...]],
+        regexes: tuple[_RegexRoute, ...],
+        any_path: tuple[_PrefixRoute, ...],
+        route_count: int,
+    ) -> None:
+        self.exact = exact
+        self.templates = templates
         # A prefix is keyed without its trailing slash. `prefix_at_end` answers a request path
         # equal to the key; `prefix_at_slash` one that continues with a slash after the key.
-        self.prefix_at_end: dict[str, tuple[_PrefixRoute, ...]] = {}
-        self.prefix_at_slash: dict[str, tuple[_PrefixRoute, ...]] = {}
-        self.regexes: tuple[_RegexRoute, ...] = ()
-        self.any_path: tuple[_PrefixRoute, ...] = ()
-        self.route_count = 0
+        self.prefix_at_end = prefix_at_end
+        self.prefix_at_slash = prefix_at_slash
+        self.regexes = regexes
+        self.any_path = any_path
+        self.route_count = route_count
+
+    def __repr__(self) -> str:
+        prefixes = {id(route) for routes in self.prefix_at_slash.values() for route in routes}
+        return (
+            f"_PathTable(routes={self.route_count}, exact={len(self.exact)}, "
+            f"templates={self.templates is not None}, prefixes={len(prefixes)}, "
+            f"regexes={len(self.regexes)}, any_path={len(self.any_path)})"
+        )
 
     def find(
         self, method: str, path: str, headers: Mapping[bytes, bytes], allowed: set[str] | None
@@ -333,7 +351,8 @@ class _PathTable:
             found: list[_TemplateRoute] = []
             templates.collect(segments, 0, found)
             if found:
-                found.sort(key=_template_rank)
+                if len(found) > 1:
+                    found.sort(key=_template_rank)
                 template = _select(found, method, headers, allowed)
                 if isinstance(template, _Route):
                     sent = "/" if template.strip else path
@@ -348,9 +367,10 @@ class _PathTable:
         while True:
             if prefixes is not None:
                 # Without a call in the common case: the first route takes any header and method.
-                prefix: _PrefixRoute | int = prefixes[0]
-                if not prefixes[0].unconditional:
-                    prefix = _select(prefixes, method, headers, allowed)
+                first = prefixes[0]
+                prefix = (
+                    first if first.unconditional else _select(prefixes, method, headers, allowed)
+                )
                 if isinstance(prefix, _Route):
                     sent = (path[prefix.cut :] or "/") if prefix.cut else path
                     return _new_match(RouteMatch, (prefix.payload, sent, NO_PARAMS))
@@ -393,52 +413,44 @@ class _TableBuilder:
         self.any_path: list[_PrefixRoute] = []
         self.route_count = 0
 
-    def add(
-        self, spec: RouteSpec, order: int, headers: HeaderConditions | None, where: str
-    ) -> None:
+    def add(self, spec: RouteSpec, conditions: _Conditions, where: str) -> None:
         self.route_count += 1
         if not spec.paths:
-            self.any_path.append(_PrefixRoute(spec, order, headers, ""))
+            self.any_path.append(_PrefixRoute(spec, conditions, ""))
         for path in spec.paths:
-            self._add_path(spec, order, headers, where, path)
+            self._add_path(spec, conditions, where, path)
 
-    def _add_path(
-        self, spec: RouteSpec, order: int, headers: HeaderConditions | None, where: str, path: str
-    ) -> None:
+    def _add_path(self, spec: RouteSpec, conditions: _Conditions, where: str, path: str) -> None:
         if path.startswith("~"):
-            self.regexes.append(_RegexRoute(spec, order, headers, _compile_regex(where, path)))
+            self.regexes.append(_RegexRoute(spec, conditions, _compile_regex(where, path)))
         elif path.startswith("="):
             exact = path[1:]
             _check_starts_with_slash(where, path, exact)
-            self.exact.setdefault(exact, []).append(_ExactRoute(spec, order, headers, exact))
+            self.exact.setdefault(exact, []).append(_ExactRoute(spec, conditions, exact))
         elif "{" in path or "}" in path:
             _check_starts_with_slash(where, path, path)
             segments = _template_segments(where, path)
             if self.templates is None:
                 self.templates = _TemplateNode()
-            self.templates.add(segments, _TemplateRoute(spec, order, headers, segments))
+            self.templates.add(segments, _TemplateRoute(spec, conditions, segments))
         else:
             _check_starts_with_slash(where, path, path)
             if path.endswith("/"):
                 key = path[:-1]
-                route = _PrefixRoute(spec, order, headers, key)
+                route = _PrefixRoute(spec, conditions, key)
                 self.prefix_at_slash.setdefault(key, []).append((0, route))
             else:
-                route = _PrefixRoute(spec, order, headers, path)
+                route = _PrefixRoute(spec, conditions, path)
                 self.prefix_at_end.setdefault(path, []).append(route)
                 # Written with a trailing slash, the prefix is one character longer: it goes first.
                 self.prefix_at_slash.setdefault(path, []).append((1, route))
 
     def seal(self) -> _PathTable:
-        table = _PathTable()
-        table.exact = {path: _sorted(routes) for path, routes in self.exact.items()}
         if self.templates is not None:
             _sort_template_node(self.templates)
             root = self.templates
-            root.any_first_segment = bool(root.parameter or root.rests or root.ends)
-        table.templates = self.templates
-        table.prefix_at_end = {key: _sorted(routes) for key, routes in self.prefix_at_end.items()}
-        table.prefix_at_slash = {
+            root.any_first_segment = bool(root.parameter or root.rests)
+        prefix_at_slash = {
             key: tuple(
                 route
                 for _, route in sorted(
@@ -451,15 +463,18 @@ class _TableBuilder:
         first_seen: dict[str, int] = {}
         for route in self.regexes:
             first_seen.setdefault(route.pattern.pattern, route.order)
-        table.regexes = tuple(
-            sorted(
-                self.regexes,
-                key=lambda route: (first_seen[route.pattern.pattern], -route.header_count),
-            )
+        regexes = sorted(
+            self.regexes, key=lambda route: (first_seen[route.pattern.pattern], -route.header_count)
         )
-        table.any_path = _sorted(self.any_path)
-        table.route_count = self.route_count
-        return table
+        return _PathTable(
+            exact={path: _sorted(routes) for path, routes in self.exact.items()},
+            templates=self.templates,
+            prefix_at_end={key: _sorted(routes) for key, routes in self.prefix_at_end.items()},
+            prefix_at_slash=prefix_at_slash,
+            regexes=tuple(regexes),
+            any_path=_sorted(self.any_path),
+            route_count=self.route_count,
+        )
 
 
 def _sort_template_node(node: _TemplateNode) -> None:
@@ -516,22 +531,26 @@ def _host_key(where: str, host: str) -> tuple[bool, str]:
         raise RouterError(
             f"{where}: host {host!r} is not a name or *.suffix (no hosts means any host)"
         )
+    if ":" in host and not host.startswith("["):
+        raise RouterError(f"{where}: host {host!r}: hosts are matched without the port")
     return False, host
 
 
-def _header_conditions(where: str, spec: RouteSpec) -> HeaderConditions | None:
-    if not spec.headers:
-        return None
-    conditions = []
+def _conditions(where: str, order: int, spec: RouteSpec) -> _Conditions:
+    for method in spec.methods:
+        if not method or not method.isascii() or " " in method:
+            raise RouterError(f"{where}: {method!r} is not an HTTP method")
+    methods = frozenset(method.upper() for method in spec.methods) or None
+    headers = []
     for name, values in spec.headers:
         if not name or not values:
             raise RouterError(f"{where}: header condition {name!r} needs a name and values")
         try:
             accepted = frozenset(value.encode("latin-1") for value in values)
-            conditions.append((name.lower().encode("latin-1"), accepted))
+            headers.append((name.lower().encode("latin-1"), accepted))
         except UnicodeEncodeError:
             raise RouterError(f"{where}: header condition {name!r} is not latin-1 text") from None
-    return tuple(conditions)
+    return _Conditions(order, methods, tuple(headers) or None)
 
 
 # -- the router ----------------------------------------------------------------------------
@@ -554,15 +573,15 @@ class Router:
         wildcard_hosts: dict[str, _TableBuilder] = {}
         for order, spec in enumerate(specs):
             where = f"route {spec.name!r}" if spec.name else f"route #{order + 1}"
-            headers = _header_conditions(where, spec)
+            conditions = _conditions(where, order, spec)
             if not spec.hosts:
-                any_host.add(spec, order, headers, where)
+                any_host.add(spec, conditions, where)
             for host in spec.hosts:
                 is_wildcard, key = _host_key(where, host)
                 builders = wildcard_hosts if is_wildcard else exact_hosts
                 if key not in builders:
                     builders[key] = _TableBuilder()
-                builders[key].add(spec, order, headers, where)
+                builders[key].add(spec, conditions, where)
         self._any_host = any_host.seal()
         self._exact_hosts = {host: builder.seal() for host, builder in exact_hosts.items()}
         self._wildcard_hosts = {host: builder.seal() for host, builder in wildcard_hosts.items()}

@@ -578,6 +578,8 @@ def test_strip_path_of_a_route_without_paths_sends_the_path_unchanged() -> None:
         (route("empty-host", "/", hosts=("",)), "is not a name or *.suffix"),
         (route("no-values", "/", headers={"x-a": ()}), "needs a name and values"),
         (route("not-latin1", "/", headers={"x-a": ("€",)}), "is not latin-1"),
+        (route("no-method", "/", methods=("",)), "is not an HTTP method"),
+        (route("with-port", "/", hosts=("api.example.com:8080",)), "without the port"),
     ],
 )
 def test_invalid_spec_raises_router_error_naming_the_route(spec: RouteSpec, complaint: str) -> None:

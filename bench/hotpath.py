@@ -1,0 +1,141 @@
+"""CPU cost of one proxied request in the gateway's own code, without sockets.
+
+Feeds a request into a `ClientConnection` and the upstream's answer into the pooled
+`UpstreamConnection`, through fake transports that only collect bytes, and reports the mean
+microseconds per request. What it leaves out is the event loop and the four system calls
+every proxied request costs (read, write upstream, read upstream, write): that part is the
+same for any design, so this number is the one to drive down.
+
+    python bench/hotpath.py [--keyauth] [--post] [-n 200000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+from typing import Any
+
+from tollgate.config.loader import parse_config_data
+from tollgate.http.server import ClientConnection
+from tollgate.http.upstream import UpstreamConnection
+from tollgate.runtime.runtime import PoolRegistry, compile_config
+from tollgate.runtime.worker import WorkerState
+
+GET = (
+    b"GET /json HTTP/1.1\r\nHost: 127.0.0.1:18201\r\nAuthorization: Bearer sk-bench-master\r\n\r\n"
+)
+POST = (
+    b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1:18201\r\n"
+    b"Authorization: Bearer sk-bench-master\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 1024\r\n\r\n" + b"x" * 1024
+)
+BODY = b'{"id":"a1b2c3d4","status":"ok"}' + b" " * 268
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 19:44:54 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n"
+    % len(BODY)
+) + BODY
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def build(keyauth: bool) -> tuple[ClientConnection, FakeTransport, FakeTransport]:
+    policies = [{"key-auth": {}}] if keyauth else []
+    config = parse_config_data(
+        {
+            "upstreams": [{"name": "mock", "targets": [{"url": "http://127.0.0.1:18181"}]}],
+            "services": [
+                {
+                    "name": "plain",
+                    "upstream": "mock",
+                    "routes": [
+                        {"name": "json", "paths": ["/json"], "methods": ["GET"]},
+                        {"name": "echo", "paths": ["/echo"], "methods": ["POST"]},
+                    ],
+                    "policies": policies,
+                }
+            ],
+            "consumers": [{"name": "bench", "keys": ["sk-bench-master"]}],
+        }
+    )
+    pools = PoolRegistry()
+    runtime = compile_config(config, pools)
+    state = WorkerState(runtime, pools)
+    client = ClientConnection(state)
+    client_transport = FakeTransport()
+    client.connection_made(client_transport)  # type: ignore[arg-type]
+    pool = runtime.upstreams["mock"].targets[0].pool
+    upstream = UpstreamConnection(pool)
+    upstream_transport = FakeTransport()
+    upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
+    pool.open.add(upstream)
+    pool.release(upstream)
+    return client, client_transport, upstream_transport
+
+
+def run(n: int, keyauth: bool, post: bool) -> float:
+    client, client_transport, _ = build(keyauth)
+    request = POST if post else GET
+    pool = client.state.runtime.upstreams["mock"].targets[0].pool
+    upstream = pool.acquire_idle()
+    assert upstream is not None
+    pool.release(upstream)
+    feed_client = client.data_received
+    feed_upstream = upstream.data_received
+    start = time.process_time()
+    for _ in range(n):
+        feed_client(request)
+        feed_upstream(RESPONSE)
+    elapsed = time.process_time() - start
+    assert b" 200 OK" in client_transport.written[-1], client_transport.written[-1][:200]
+    assert len(client_transport.written) == n, len(client_transport.written)
+    return elapsed / n * 1e6
+
+
+async def main(args: argparse.Namespace) -> None:
+    run(2000, args.keyauth, args.post)
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(args.n, args.keyauth, args.post)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    best = min(run(args.n, args.keyauth, args.post) for _ in range(3))
+    kind = ("POST 1 KiB" if args.post else "GET") + (" + key-auth" if args.keyauth else "")
+    print(f"{kind}: {best:.2f} us per proxied request (gateway code only, best of 3)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=100_000)
+    parser.add_argument("--keyauth", action="store_true")
+    parser.add_argument("--post", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    asyncio.run(main(parser.parse_args()))
