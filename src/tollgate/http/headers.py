@@ -47,3 +47,6 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 
 # Tokens of `Connection` that name no header and need no extra work.
 PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+# Whole `Connection` values that list no other header (the common ones), checked before parsing.
+PLAIN_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade", b"keep-alive, upgrade"})

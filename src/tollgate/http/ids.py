@@ -24,7 +24,7 @@ def reseed() -> None:
 
 
 def next_request_id() -> str:
-    return f"{_prefix}{next(_counter):016x}"
+    return _prefix + "%016x" % next(_counter)  # noqa: UP031 - %-format is the fastest here
 
 
 def acceptable_incoming_id(value: bytes) -> bool:

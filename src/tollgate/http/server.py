@@ -33,11 +33,12 @@ from tollgate.http.exchange import Exchange
 from tollgate.http.headers import (
     IDEMPOTENT_METHODS,
     PLAIN_CONNECTION_TOKENS,
+    PLAIN_CONNECTION_VALUES,
     RESPONSE_DROP,
     connection_tokens,
 )
 from tollgate.http.ids import acceptable_incoming_id, next_request_id
-from tollgate.http.paths import InvalidPath, needs_normalizing, normalize_path
+from tollgate.http.paths import InvalidPath, normalize_path
 from tollgate.http.responses import GatewayResponse, error_response
 from tollgate.http.upstream import UpstreamConnection
 
@@ -60,9 +61,19 @@ DISCARD_LIMIT = 1024 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VIA = b"1.1 tollgate"
-_STATUS_LINES: dict[int, bytes] = {}
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
 _METHODS: dict[bytes, str] = {}
 _CHUNK_END = b"0\r\n\r\n"
+
+
+def _check_repeatable(lname: bytes) -> None:
+    """A second copy of these headers is a smuggling vector: refuse it."""
+    if lname == b"content-length":
+        raise _Reject(400, "bad_request", "Duplicate Content-Length header")
+    if lname == b"transfer-encoding":
+        raise _Reject(400, "bad_request", "Duplicate Transfer-Encoding header")
+    if lname == b"host":
+        raise _Reject(400, "bad_request", "Duplicate Host header")
 
 
 class _Reject(Exception):
@@ -85,12 +96,42 @@ def _method(raw: bytes) -> str:
 
 
 def _status_line(status: int, reason: bytes) -> bytes:
-    if reason:
-        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = _STATUS_LINES[status] = b"HTTP/1.1 %d \r\n" % status
+    line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    if len(_STATUS_LINES) < 256:
+        _STATUS_LINES[(status, reason)] = line
     return line
+
+
+# Response header name as sent -> 0 forward, 1 drop (hop-by-hop), 2 Content-Length,
+# 3 Connection, 4 Upgrade. Upstreams send few distinct spellings, so a bounded cache of the
+# raw names saves a lower() and a set lookup per header.
+_RESPONSE_KINDS: dict[bytes, int] = {}
+
+
+def _response_kind(name: bytes) -> int:
+    lname = name.lower()
+    if lname == b"content-length":
+        kind = 2
+    elif lname == b"connection":
+        kind = 3
+    elif lname == b"upgrade":
+        kind = 4
+    elif lname in RESPONSE_DROP:
+        kind = 1
+    else:
+        kind = 0
+    if len(_RESPONSE_KINDS) < 1024:
+        _RESPONSE_KINDS[name] = kind
+    return kind
+
+
+def _without_listed(parts: list[bytes], listed: frozenset[bytes]) -> list[bytes]:
+    """Drop the headers a `Connection` header named (parts hold name, ': ', value, CRLF)."""
+    kept = parts[:1]
+    for index in range(1, len(parts), 4):
+        if parts[index].lower() not in listed:
+            kept += parts[index : index + 4]
+    return kept
 
 
 class ClientConnection(asyncio.Protocol):
@@ -105,8 +146,15 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip_b = b""
         # receiving
         self.rx: Exchange | None = None
+        self.rx_headers: list[tuple[bytes, bytes, bytes]] = []
+        self.rx_map: dict[bytes, bytes] = {}
+        self.limits = state.runtime.limits
+        self.host_raw = b""  # the last Host header and its parsed name: clients repeat it
+        self.host = ""
         self.in_head = False
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes of the reads that began inside the current head
+        self.read_size = 0  # bytes of the read being parsed
+        self.head_first_read = 0  # bytes of the read the current head began in
         self.url = b""
         # responding
         self.cur: Exchange | None = None
@@ -173,8 +221,9 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.tunnel_pending += data
             return
+        size = self.read_size = len(data)
         if self.in_head:
-            self.head_bytes += len(data)
+            self.head_bytes += size
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -216,94 +265,93 @@ class ClientConnection(asyncio.Protocol):
         ex.t_start = now = _now()
         ex.client_ip = self.client_ip
         self.rx = ex
+        self.rx_headers = ex.headers
+        self.rx_map = ex.header_map
         self.in_head = True
         self.url = b""
+        self.head_first_read = self.read_size
+        limits = self.limits = self.state.runtime.limits
         if self.deadline_kind != 2:
-            self.deadline = now + self.state.runtime.limits.header_timeout
+            self.deadline = now + limits.header_timeout
             self.deadline_kind = 1
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.state.runtime.limits.max_request_line:
+        if len(self.url) > self.limits.max_request_line:
             raise _Reject(414, "uri_too_long", "The request target is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        ex = self.rx
-        assert ex is not None
         lname = name.lower()
-        ex.headers.append((lname, name, value))
-        header_map = ex.header_map
+        headers = self.rx_headers
+        headers.append((lname, name, value))
+        header_map = self.rx_map
         if lname in header_map:
-            if lname == b"content-length":
-                raise _Reject(400, "bad_request", "Duplicate Content-Length header")
-            if lname == b"transfer-encoding":
-                raise _Reject(400, "bad_request", "Duplicate Transfer-Encoding header")
-            if lname == b"host":
-                raise _Reject(400, "bad_request", "Duplicate Host header")
+            _check_repeatable(lname)
         else:
             header_map[lname] = value
-        if b"\r" in value or b"\n" in value:
-            raise _Reject(400, "bad_request", "Invalid character in a header value")
-        if len(ex.headers) > self.state.runtime.limits.max_headers:
+        if len(headers) > self.limits.max_headers:
             raise _Reject(431, "request_header_too_large", "Too many request headers")
 
     def on_headers_complete(self) -> None:
         ex = self.rx
         assert ex is not None
         self.in_head = False
+        # data_received sees only heads still unfinished after a read; a head that ended within
+        # these reads is measured exactly, but only when the reads could hold a too-large one.
+        limit = self.limits.max_header_size
+        if self.head_first_read + self.head_bytes > limit and _head_size(self.url, ex) > limit:
+            raise _Reject(431, "request_header_too_large", "The request header block is too large")
         self.head_bytes = 0
         parser = self.parser
         ex.method_raw = raw_method = parser.get_method()
-        ex.method = _method(raw_method)
-        if parser.get_http_version() == "1.0":
-            ex.version = b"1.0"
-        ex.keep_alive = parser.should_keep_alive()
+        method = _METHODS.get(raw_method)
+        ex.method = method if method is not None else _method(raw_method)
+        keep_alive = ex.keep_alive = parser.should_keep_alive()
         header_map = ex.header_map
-        # Framing: exactly one of Content-Length or a lone `chunked`, or no body.
-        transfer_encoding = header_map.get(b"transfer-encoding")
-        if transfer_encoding is not None:
-            if b"content-length" in header_map:
-                raise _Reject(400, "bad_request", "Both Content-Length and Transfer-Encoding")
-            if transfer_encoding.strip().lower() != b"chunked":
-                raise _Reject(400, "bad_request", "Unsupported Transfer-Encoding")
-            ex.request_chunked = True
+        # HTTP/1.1 is assumed unless keep-alive is off or the client spoke of it explicitly.
+        if (not keep_alive or b"connection" in header_map) and parser.get_http_version() == "1.0":
+            ex.version = b"1.0"
         # Target: origin-form, or absolute-form from a client that thinks we are a proxy.
         url = self.url
         if url[:1] != b"/":
             url = self._absolute_form(ex, url)
-        path_bytes, _, query = url.partition(b"?")
+        if b"?" in url:
+            path_bytes, _, ex.query = url.partition(b"?")
+        else:
+            path_bytes = url
         if b"#" in path_bytes:
             raise _Reject(400, "bad_request", "A fragment is not allowed in the request target")
-        ex.query = query
         path = path_bytes.decode("latin-1")
-        if needs_normalizing(path):
+        if "%" in path or "/." in path or "//" in path:
             try:
                 path = normalize_path(path)
             except InvalidPath as exc:
                 raise _Reject(400, "bad_request", str(exc)) from None
+            path_bytes = path.encode("latin-1")
         ex.path = path
+        ex.raw_path = path_bytes
         host = header_map.get(b"host")
         if host is None:
             if ex.version != b"1.0":
                 raise _Reject(400, "bad_request", "A Host header is required")
-            ex.host = ""
+        elif host == self.host_raw:
+            ex.host = self.host
         else:
-            ex.host = _host_name(host)
+            self.host_raw = host
+            ex.host = self.host = _host_name(host)
         if parser.should_upgrade():
             ex.upgrade = True
-        expect = header_map.get(b"expect")
-        if expect is not None:
-            if expect.lower() != b"100-continue":
-                raise _Reject(417, "expectation_failed", "Only 100-continue is supported")
-            ex.expect_continue = True
         incoming_id = header_map.get(b"x-request-id")
         if incoming_id is not None and acceptable_incoming_id(incoming_id):
             ex.request_id = incoming_id.decode("ascii")
         else:
             ex.request_id = next_request_id()
-        if ex.request_chunked or b"content-length" in header_map:
-            self.deadline = ex.t_start + self.state.runtime.limits.body_timeout
-            self.deadline_kind = 2
+        if (
+            b"content-length" in header_map
+            or b"transfer-encoding" in header_map
+            or b"expect" in header_map
+        ):
+            self._body_framing(ex, header_map)
         else:
             self.deadline = 0.0
             self.deadline_kind = 0
@@ -315,6 +363,27 @@ class ClientConnection(asyncio.Protocol):
             if len(self.pipeline) >= PIPELINE_DEPTH:
                 self.paused_pipeline = True
                 self._update_reading()
+
+    def _body_framing(self, ex: Exchange, header_map: dict[bytes, bytes]) -> None:
+        """Exactly one of Content-Length or a lone `chunked` frames a body (RFC 9112 §6.3)."""
+        transfer_encoding = header_map.get(b"transfer-encoding")
+        if transfer_encoding is not None:
+            if b"content-length" in header_map:
+                raise _Reject(400, "bad_request", "Both Content-Length and Transfer-Encoding")
+            if transfer_encoding.strip().lower() != b"chunked":
+                raise _Reject(400, "bad_request", "Unsupported Transfer-Encoding")
+            ex.request_chunked = True
+        expect = header_map.get(b"expect")
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise _Reject(417, "expectation_failed", "Only 100-continue is supported")
+            ex.expect_continue = True
+        if ex.request_chunked or b"content-length" in header_map:
+            self.deadline = ex.t_start + self.limits.body_timeout
+            self.deadline_kind = 2
+        else:
+            self.deadline = 0.0
+            self.deadline_kind = 0
 
     def on_body(self, body: bytes) -> None:
         ex = self.rx
@@ -397,12 +466,10 @@ class ClientConnection(asyncio.Protocol):
     def _admit(self, ex: Exchange, route: CompiledRoute, path: str) -> None:
         ex.route = route
         ex.params = None
-        upstream_path = (
-            route.service_path + path.encode("latin-1")
-            if route.service_path
-            else (path.encode("latin-1"))
+        upstream_path = ex.raw_path if path == ex.path else path.encode("latin-1")
+        ex.upstream_path = (
+            route.service_path + upstream_path if route.service_path else upstream_path
         )
-        ex.upstream_path = upstream_path
         declared = ex.header_map.get(b"content-length")
         if declared is not None and route.max_body_size and int(declared) > route.max_body_size:
             self._respond(
@@ -636,14 +703,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- upstream events (Sink) -----------------------------------------------------------
 
-    def upstream_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        chunked: bool,
-        keep_alive: bool,
-    ) -> None:
+    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         ex = self.cur
         assert ex is not None
         now = ex.t_first_byte = _now()
@@ -654,28 +714,31 @@ class ClientConnection(asyncio.Protocol):
         assert route is not None
         for step in route.upstream_response:
             step(ex, status, headers)
-        parts = [_status_line(status, reason)]
+        line = _STATUS_LINES.get((status, reason))
+        parts = [line if line is not None else _status_line(status, reason)]
         has_length = False
-        drop: frozenset[bytes] | set[bytes] = RESPONSE_DROP
+        listed = None
+        kinds = _RESPONSE_KINDS
         for name, value in headers:
-            lname = name.lower()
-            if lname in drop:
-                if lname == b"connection":
-                    listed = connection_tokens(value) - PLAIN_CONNECTION_TOKENS
-                    if listed:
-                        drop = drop | listed
-                elif lname == b"upgrade" and status == 101:
-                    parts += (name, b": ", value, b"\r\n")
-                continue
-            if lname == b"content-length":
+            kind = kinds.get(name)
+            if kind is None:
+                kind = _response_kind(name)
+            if kind == 0:
+                parts += (name, b": ", value, b"\r\n")
+            elif kind == 2:
                 has_length = True
-            parts += (name, b": ", value, b"\r\n")
+                parts += (name, b": ", value, b"\r\n")
+            elif kind == 3:
+                if value.lower() not in PLAIN_CONNECTION_VALUES:
+                    listed = connection_tokens(value) - PLAIN_CONNECTION_TOKENS
+            elif kind == 4 and status == 101:
+                parts += (name, b": ", value, b"\r\n")
+        if listed:
+            parts = _without_listed(parts, listed)
         if status == 101:
             parts.append(b"Connection: upgrade\r\n")
             self.tunnel = True
-        elif ex.method == "HEAD" or status in (204, 304):
-            pass
-        elif not has_length:
+        elif not has_length and status not in (204, 304) and ex.method != "HEAD":
             if ex.version == b"1.1":
                 self.resp_chunked = True
                 parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -683,17 +746,22 @@ class ClientConnection(asyncio.Protocol):
                 self.close_after = True
         if route.echo_request_id:
             parts += (route.request_id_header, b": ", ex.request_id.encode(), b"\r\n")
-        for name, value in ex.response_headers:
-            parts += (name, b": ", value, b"\r\n")
+        if ex.response_headers:
+            for name, value in ex.response_headers:
+                parts += (name, b": ", value, b"\r\n")
         upstream_ms = int((now - ex.t_upstream_start) * 1000)
         gateway_ms = int((now - ex.t_start) * 1000) - upstream_ms
-        parts += (
+        parts.append(
             b"X-Tollgate-Upstream-Latency: %d\r\nX-Tollgate-Latency: %d\r\nVia: 1.1 tollgate\r\n"
-            % (upstream_ms, gateway_ms if gateway_ms > 0 else 0),
+            % (upstream_ms, gateway_ms if gateway_ms > 0 else 0)
         )
-        if not self._client_keep_alive(ex) and status != 101:
-            parts.append(b"Connection: close\r\n")
-        parts.append(b"\r\n")
+        if status != 101 and not self._client_keep_alive(ex):
+            parts.append(b"Connection: close\r\n\r\n")
+        elif ex.version == b"1.0" and status != 101:
+            # An HTTP/1.0 client takes the connection as closing unless told it persists.
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
         self.out.append(b"".join(parts))
         if status == 101:
             self._flush()
@@ -787,14 +855,18 @@ class ClientConnection(asyncio.Protocol):
         ex.error_type = response.error_type or ""
         ex.response_started = True
         keep_alive = self._client_keep_alive(ex) and not response.close
-        if keep_alive and not ex.request_complete:
+        if not ex.request_complete:
+            # Answered: the rest of the body is dropped as it comes, never answered again (a
+            # closing answer too, or a body past the limit would get a second response).
+            ex.discard = True
+            if ex.body_buffer is not None:
+                ex.body_buffer = None
+                ex.buffered = 0
+            if self.paused_buffer:
+                self.paused_buffer = False
+                self._update_reading()
             if ex.expect_continue or ex.upgrade:
                 keep_alive = False  # the client may or may not send the body: do not guess
-            else:
-                ex.discard = True
-                if ex.body_buffer is not None:
-                    ex.body_buffer = None
-                    ex.buffered = 0
         extra: list[tuple[bytes, bytes]] = []
         route = ex.route
         if route is None or route.echo_request_id:
@@ -802,6 +874,8 @@ class ClientConnection(asyncio.Protocol):
             extra.append((name, ex.request_id.encode()))
         if ex.response_headers:
             extra.extend(ex.response_headers)
+        if keep_alive and ex.version == b"1.0":
+            extra.append((b"Connection", b"keep-alive"))
         head = response.head(b"1.1", extra, keep_alive, ex.method == "HEAD")
         self.out.append(head)
         if response.body and ex.method != "HEAD":
@@ -972,6 +1046,11 @@ class ClientConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         state = "idle" if self.idle else ("tunnel" if self.tunnel else "busy")
         return f"ClientConnection({self.client_ip}, {state}, {self.requests} requests)"
+
+
+def _head_size(url: bytes, ex: Exchange) -> int:
+    """Bytes of a parsed head: the request target and every `name: value` line."""
+    return len(url) + sum(len(name) + len(value) + 4 for _, name, value in ex.headers)
 
 
 def _host_name(host: bytes) -> str:

@@ -72,7 +72,6 @@ class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to one target."""
 
     __slots__ = (
-        "_chunked",
         "_got_head",
         "_head_only",
         "_headers",
@@ -95,7 +94,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
-        self._chunked = False
         self._got_head = False
         self._head_only = False
         self._upgrading = False
@@ -189,15 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._upgrading = True
         sink = self.sink
         assert sink is not None
-        chunked = self._chunked = (
-            any(
-                n.lower() == b"transfer-encoding" and v.strip().lower() == b"chunked"
-                for n, v in headers
-            )
-            if status >= 200
-            else False
-        )
-        sink.upstream_head(status, reason, headers, chunked, parser.should_keep_alive())
+        sink.upstream_head(status, reason, headers)
         if self._head_only:
             raise _HeadOnly
 
@@ -321,7 +311,7 @@ class Pool:
 
     Idle connections are reused last-in first-out (the warmest first); only connections whose
     previous response ended cleanly with keep-alive come back. When `max_connections` are
-    open, callers wait in line for one to be released.
+    open, callers wait in line for one to be released or closed.
     """
 
     __slots__ = (
@@ -358,7 +348,9 @@ class Pool:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self._idle: list[UpstreamConnection] = []
-        self._waiters: deque[asyncio.Future[UpstreamConnection]] = deque()
+        # Callers waiting while the pool is full; each gets a released connection, or None when
+        # a connection closed and its slot may be used to open a new one.
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self.open: set[UpstreamConnection] = set()
         self.busy = 0
         self.resolver = Resolver(dns_ttl)
@@ -384,12 +376,14 @@ class Pool:
         return None
 
     async def connect(self) -> UpstreamConnection:
-        """Open a new connection (or wait for a released one when the pool is full)."""
+        """Open a new connection (or, when the pool is full, wait for a released one or a slot)."""
         if len(self.open) >= self.max_connections:
-            waiter: asyncio.Future[UpstreamConnection] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
             try:
-                return await asyncio.wait_for(waiter, self.connect_timeout)
+                async with asyncio.timeout(self.connect_timeout):
+                    while len(self.open) >= self.max_connections:
+                        released = await self._wait_turn()
+                        if released is not None:
+                            return released
             except TimeoutError:
                 raise UpstreamTimeout(
                     f"no connection to {self.host}:{self.port} became free in time"
@@ -412,29 +406,28 @@ class Pool:
                     server_hostname=self.server_hostname if self.ssl_context else None,
                 )
         except TimeoutError:
-            self.open.discard(conn)
+            self.forget(conn)
             raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out") from None
         except ssl.SSLError as exc:
-            self.open.discard(conn)
+            self.forget(conn)
             raise UpstreamConnectError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
         except OSError as exc:
-            self.open.discard(conn)
+            self.forget(conn)
             reason = exc.strerror or str(exc)
             raise UpstreamConnectError(
                 f"cannot connect to {self.host}:{self.port}: {reason}"
             ) from None
         except BaseException:
-            self.open.discard(conn)
+            self.forget(conn)
             conn.close()
             raise
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
         """A connection whose response ended cleanly: hand it to a waiter or keep it idle."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
+        if self._waiters:
+            conn.reused = True
+            if self._hand_on(conn):
                 return
         if len(self._idle) < self.max_idle:
             conn.idle_since = time.monotonic()
@@ -443,8 +436,39 @@ class Pool:
             conn.close()
 
     def forget(self, conn: UpstreamConnection) -> None:
-        self.open.discard(conn)
+        if conn in self.open:
+            self.open.remove(conn)
+            if self._waiters:
+                self._hand_on(None)  # a slot is free: a waiter may open a connection in it
         # A closed idle connection is skipped by acquire_idle; purge lazily to keep this O(1).
+
+    async def _wait_turn(self) -> UpstreamConnection | None:
+        """Wait in line for a released connection, or None when a slot freed up."""
+        waiter: asyncio.Future[UpstreamConnection | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a turn just as the wait ended (timeout, client gone): pass it on.
+                released = waiter.result()
+                if released is not None:
+                    self.release(released)
+                elif self._waiters:
+                    self._hand_on(None)
+            raise
+
+    def _hand_on(self, released: UpstreamConnection | None) -> bool:
+        """Give the first live waiter its turn; False if no one is waiting any more."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(released)
+                return True
+        return False
 
     def sweep(self, now: float) -> None:
         """Close idle connections past their idle timeout; time out stalled exchanges."""

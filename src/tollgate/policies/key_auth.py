@@ -15,12 +15,15 @@ from pydantic import Field
 from tollgate.config.base import Model
 from tollgate.http.responses import GatewayResponse, error_response
 from tollgate.policies.base import Policy, register
-from tollgate.runtime.context import CompileContext, hash_key
+from tollgate.runtime.context import CompileContext, Credential, hash_key
 
 if TYPE_CHECKING:
     from tollgate.http.exchange import Exchange
 
 MISSING_KEY = "No API key found in request"
+# Valid keys seen recently, so a known key costs one dict lookup instead of a SHA-256. The
+# cache lives in the policy instance: a reload (new keys, removed consumers) starts it afresh.
+CACHE_SIZE = 4096
 INVALID_KEY = "Invalid authentication credentials"
 
 
@@ -52,6 +55,7 @@ class KeyAuth(Policy):
     def __init__(self, config: KeyAuthConfig, context: CompileContext) -> None:
         super().__init__(config, context)
         self._keys = context.consumers.by_key_digest
+        self._recent: dict[bytes, Credential] = {}
         self._header_names = (
             tuple(n.lower().encode() for n in config.key_names) if config.key_in_header else ()
         )
@@ -92,9 +96,14 @@ class KeyAuth(Policy):
                 ex.upstream_headers.extend(self._anonymous.upstream_headers)
                 return None
             return self._reject(ex, MISSING_KEY)
-        credential = self._keys.get(hash_key(key))
+        credential = self._recent.get(key)
         if credential is None:
-            return self._reject(ex, INVALID_KEY)
+            credential = self._keys.get(hash_key(key))
+            if credential is None:
+                return self._reject(ex, INVALID_KEY)
+            if len(self._recent) >= CACHE_SIZE:
+                self._recent.clear()
+            self._recent[key] = credential
         ex.consumer = credential.consumer
         ex.credential_id = credential.credential_id
         ex.upstream_headers.extend(credential.consumer.upstream_headers)
