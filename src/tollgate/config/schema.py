@@ -125,7 +125,7 @@ class Target(Model):
 
 
 class UpstreamTimeouts(Model):
-    connect: Duration = Field(5.0, gt=0, description="TCP (and TLS) connect (502 past it).")
+    connect: Duration = Field(5.0, gt=0, description="TCP (and TLS) connect (504 past it).")
     write: Duration = Field(60.0, gt=0, description="Longest stall sending the request (504).")
     read: Duration = Field(
         60.0, gt=0, description="Longest wait for the first byte or between two reads (504)."

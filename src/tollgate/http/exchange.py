@@ -7,6 +7,7 @@ first value, all bytes, so a policy's lookup is one dict access with no decoding
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -15,103 +16,72 @@ if TYPE_CHECKING:
 
 
 class Exchange:
-    """State of one call, from the request head to the log phase."""
+    """State of one call, from the request head to the log phase.
 
-    __slots__ = (
-        "body_buffer",
-        "body_bytes",
-        "buffered",
-        "bytes_out",
-        "client_ip",
-        "consumer",
-        "credential_id",
-        "discard",
-        "error_type",
-        "expect_continue",
-        "header_map",
-        "headers",
-        "host",
-        "keep_alive",
-        "method",
-        "method_raw",
-        "params",
-        "path",
-        "policy_notes",
-        "preset_response",
-        "query",
-        "raw_path",
-        "request_chunked",
-        "request_complete",
-        "request_id",
-        "response_headers",
-        "response_started",
-        "route",
-        "source",
-        "status",
-        "t_connected",
-        "t_end",
-        "t_first_byte",
-        "t_start",
-        "t_upstream_start",
-        "tries",
-        "upgrade",
-        "upstream_headers",
-        "upstream_path",
-        "upstream_remove",
-        "upstream_target",
-        "version",
-    )
+    Scalars start as class attributes and become instance attributes only when set, so making
+    an Exchange per request costs four container allocations, not forty assignments.
+    Policies add headers with `add_upstream_headers` / `add_response_headers`.
+    """
+
+    method = ""
+    method_raw = b""
+    raw_path = b""
+    path = ""
+    query = b""
+    version = b"1.1"
+    host = ""
+    client_ip = ""
+    keep_alive = True
+    request_id = ""
+    route: CompiledRoute | None = None
+    params: Any = None
+    upstream_path = b""
+    consumer: ConsumerEntry | None = None
+    credential_id = ""
+    upstream_remove: set[bytes] | None = None
+    policy_notes: dict[str, Any] | None = None
+    # Receive-side state, kept here so that pipelined requests queue with their bodies.
+    body_buffer: list[bytes] | None = None
+    buffered = 0
+    request_complete = False
+    request_chunked = False
+    expect_continue = False
+    upgrade = False
+    discard = False
+    response_started = False
+    preset_response: GatewayResponse | None = None
+    # Outcome and timing (monotonic seconds), captured at one clock read each.
+    status = 0
+    source = "gateway"
+    error_type = ""
+    upstream_target = ""
+    tries = 0
+    body_bytes = 0
+    bytes_out = 0
+    t_start = 0.0
+    t_upstream_start = 0.0
+    t_connected = 0.0
+    t_first_byte = 0.0
+    t_end = 0.0
+    # What policies ask for: headers to add upstream and downstream (tuples until first added).
+    upstream_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
+    response_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
 
     def __init__(self) -> None:
-        self.method = ""
-        self.method_raw = b""
-        # Receive-side state, kept here so that pipelined requests queue with their bodies.
-        self.body_buffer: list[bytes] | None = None
-        self.buffered = 0
-        self.request_complete = False
-        self.request_chunked = False
-        self.expect_continue = False
-        self.upgrade = False
-        self.discard = False
-        self.response_started = False
-        self.preset_response: GatewayResponse | None = None
-        self.raw_path = b""
-        self.path = ""
-        self.query = b""
-        self.version = b"1.1"
         self.headers: list[tuple[bytes, bytes, bytes]] = []
         self.header_map: dict[bytes, bytes] = {}
-        self.host = ""
-        self.client_ip = ""
-        self.keep_alive = True
-        self.request_id = ""
-        self.route: CompiledRoute | None = None
-        self.params: Any = None
-        self.upstream_path = b""
-        self.consumer: ConsumerEntry | None = None
-        self.credential_id = ""
-        # What policies ask for: headers to add / remove upstream, headers to add downstream.
-        self.upstream_headers: list[tuple[bytes, bytes]] = []
-        self.upstream_remove: set[bytes] | None = None
-        self.response_headers: list[tuple[bytes, bytes]] = []
-        self.policy_notes: dict[str, Any] | None = None
-        # Outcome and timing (monotonic seconds), captured at one clock read each.
-        self.status = 0
-        self.source = "gateway"
-        self.error_type = ""
-        self.upstream_target = ""
-        self.tries = 0
-        self.body_bytes = 0
-        self.bytes_out = 0
-        self.t_start = 0.0
-        self.t_upstream_start = 0.0
-        self.t_connected = 0.0
-        self.t_first_byte = 0.0
-        self.t_end = 0.0
 
     def header(self, lower_name: bytes) -> bytes | None:
         """The first value of a header (name given lower-case), or None."""
         return self.header_map.get(lower_name)
+
+    def add_upstream_headers(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Headers to send upstream in addition to the client's."""
+        self.upstream_headers = [*self.upstream_headers, *pairs]
+
+    def add_response_headers(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Headers to add to the response the client gets."""
+        self.response_headers = [*self.response_headers, *pairs]
 
     def remove_upstream_header(self, lower_name: bytes) -> None:
         """Do not forward this request header upstream (e.g. a credential)."""

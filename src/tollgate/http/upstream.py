@@ -41,12 +41,7 @@ class Sink(Protocol):
     """What an upstream connection reports to (the client-side connection)."""
 
     def upstream_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        chunked: bool,
-        keep_alive: bool,
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None: ...
 
     def upstream_body(self, chunk: bytes) -> None: ...

@@ -102,5 +102,5 @@ class Cors(Policy):
             return GatewayResponse(204, b"", headers, content_type=None)
         if allowed is not None and self._exposed:
             headers.append((b"Access-Control-Expose-Headers", self._exposed))
-        ex.response_headers.extend(headers)
+        ex.add_response_headers(headers)
         return None

@@ -93,7 +93,7 @@ class KeyAuth(Policy):
         if not key:
             if self._anonymous is not None:
                 ex.consumer = self._anonymous
-                ex.upstream_headers.extend(self._anonymous.upstream_headers)
+                ex.add_upstream_headers(self._anonymous.upstream_headers)
                 return None
             return self._reject(ex, MISSING_KEY)
         credential = self._recent.get(key)
@@ -106,7 +106,10 @@ class KeyAuth(Policy):
             self._recent[key] = credential
         ex.consumer = credential.consumer
         ex.credential_id = credential.credential_id
-        ex.upstream_headers.extend(credential.consumer.upstream_headers)
+        if ex.upstream_headers:
+            ex.add_upstream_headers(credential.consumer.upstream_headers)
+        else:
+            ex.upstream_headers = credential.consumer.upstream_headers
         return None
 
     def _from_query(self, ex: Exchange) -> bytes | None:

@@ -103,7 +103,8 @@ class Supervisor:
             child.close()
         handle.reader, handle.writer = await asyncio.open_connection(sock=parent)
         handle.started_at = time.monotonic()
-        handle.replies = asyncio.Queue()
+        replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        handle.replies = replies
         handle.writer.write(
             encode_message(
                 {
@@ -115,21 +116,28 @@ class Supervisor:
             )
         )
         await handle.writer.drain()
-        self._track(self._read_replies(handle))
-        reply = await asyncio.wait_for(handle.replies.get(), START_TIMEOUT)
+        self._track(self._read_replies(handle.reader, replies))
+        try:
+            reply = await asyncio.wait_for(replies.get(), START_TIMEOUT)
+        except TimeoutError:
+            reply = {"error": f"worker {handle.slot} did not start within {START_TIMEOUT:.0f}s"}
         if reply.get("type") != "ready":
+            with contextlib.suppress(ProcessLookupError):
+                handle.process.kill()  # never leave a half-started worker behind
             raise RuntimeError(reply.get("error") or f"worker {handle.slot} did not start")
         self._track(self._watch(handle, handle.process))
 
-    async def _read_replies(self, handle: WorkerHandle) -> None:
-        reader = handle.reader
-        assert reader is not None
+    async def _read_replies(
+        self, reader: asyncio.StreamReader, replies: asyncio.Queue[dict[str, Any]]
+    ) -> None:
+        # The queue is this process's own: a restart gives the handle a new one, and a late
+        # "gone" from the dead worker must not land in it.
         while True:
             message = await read_message(reader)
             if message is None:
-                await handle.replies.put({"type": "gone"})
+                await replies.put({"type": "gone"})
                 return
-            await handle.replies.put(message)
+            await replies.put(message)
 
     async def _watch(self, handle: WorkerHandle, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
@@ -147,7 +155,10 @@ class Supervisor:
             log.info("worker %d restarted as pid %s", handle.slot, handle.pid)
         except Exception as exc:
             log.error("restarting worker %d failed: %s", handle.slot, exc)
-            self._track(self._watch(handle, process))  # try again after the backoff
+            # Watch the process the attempt left (killed, or the old one if none started):
+            # watching `process` would see a different handle.process and never try again.
+            assert handle.process is not None
+            self._track(self._watch(handle, handle.process))  # try again after the backoff
 
     def _track(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
