@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 # Hop-by-hop: meaningful only for one connection, never forwarded (RFC 9110 §7.6.1).
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -18,7 +20,7 @@ HOP_BY_HOP = frozenset(
 )
 
 # Request headers the gateway always writes itself, so the client's copies are dropped.
-REWRITTEN_REQUEST = frozenset(
+REWRITTEN_REQUEST: Final = frozenset(
     {
         b"host",
         b"content-length",
@@ -32,12 +34,12 @@ REWRITTEN_REQUEST = frozenset(
     }
 )
 
-REQUEST_DROP = HOP_BY_HOP | REWRITTEN_REQUEST
+REQUEST_DROP: Final = HOP_BY_HOP | REWRITTEN_REQUEST
 
 # Response headers dropped before the client gets them; framing is re-decided per client.
-RESPONSE_DROP = HOP_BY_HOP
+RESPONSE_DROP: Final = HOP_BY_HOP
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -46,7 +48,9 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 
 
 # Tokens of `Connection` that name no header and need no extra work.
-PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+PLAIN_CONNECTION_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 # Whole `Connection` values that list no other header (the common ones), checked before parsing.
-PLAIN_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade", b"keep-alive, upgrade"})
+PLAIN_CONNECTION_VALUES: Final = frozenset(
+    {b"keep-alive", b"close", b"upgrade", b"keep-alive, upgrade"}
+)

@@ -8,9 +8,12 @@ is also what is sent upstream, so the route that matched is the resource the ups
 from __future__ import annotations
 
 import re
+from typing import Final
 
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED: Final = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+)
+_PERCENT: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
 class InvalidPath(ValueError):

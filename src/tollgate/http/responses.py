@@ -7,6 +7,7 @@ the JSON shape of DESIGN §4: ``{"error": {"type", "message", "request_id"}}``.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 import orjson
 
@@ -14,13 +15,13 @@ from tollgate.errors import TollgateError
 
 # Statuses after which the client connection cannot be trusted to be in sync (the request
 # body may be unread or the framing broken), so the gateway closes it.
-CLOSE_AFTER = frozenset({400, 408, 413, 431})
+CLOSE_AFTER: Final = frozenset({400, 408, 413, 431})
 
 # Statuses that carry Retry-After when the gateway makes them (DESIGN §4).
-RETRY_AFTER_STATUSES = frozenset({429, 503})
+RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
 
 
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
 class GatewayResponse:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
@@ -37,33 +37,35 @@ from tollgate.http.headers import (
     RESPONSE_DROP,
     connection_tokens,
 )
-from tollgate.http.ids import acceptable_incoming_id, next_request_id
+from tollgate.http.ids import REQUEST_IDS, acceptable_incoming_id
 from tollgate.http.paths import InvalidPath, normalize_path
 from tollgate.http.responses import GatewayResponse, error_response
 from tollgate.http.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
+    from tollgate.config.schema import ListenerLimits
     from tollgate.runtime.runtime import CompiledRoute, TargetEntry
     from tollgate.runtime.worker import WorkerState
 
-_now = time.monotonic
+_now: Final = time.monotonic
 
 # Client write buffer marks: past HIGH the upstream side stops reading.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
 # Request body bytes held while the upstream connection is being opened, before pausing.
-BODY_BUFFER_HIGH = 256 * 1024
+BODY_BUFFER_HIGH: Final = 256 * 1024
 # Pipelined requests queued behind the one in flight before the connection stops reading.
-PIPELINE_DEPTH = 16
+PIPELINE_DEPTH: Final = 16
 # After the gateway answered early (e.g. 401), unread request body it will read and drop to keep
 # the connection; past this it closes instead.
-DISCARD_LIMIT = 1024 * 1024
+DISCARD_LIMIT: Final = 1024 * 1024
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_VIA = b"1.1 tollgate"
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-_METHODS: dict[bytes, str] = {}
-_CHUNK_END = b"0\r\n\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_VIA: Final = b"1.1 tollgate"
+_STATUS_LINES: Final[dict[tuple[int, bytes], bytes]] = {}
+_METHODS: Final[dict[bytes, str]] = {}
+_IDS: Final = REQUEST_IDS
+_CHUNK_END: Final = b"0\r\n\r\n"
 
 
 def _check_repeatable(lname: bytes) -> None:
@@ -105,7 +107,7 @@ def _status_line(status: int, reason: bytes) -> bytes:
 # Response header name as sent -> 0 forward, 1 drop (hop-by-hop), 2 Content-Length,
 # 3 Connection, 4 Upgrade. Upstreams send few distinct spellings, so a bounded cache of the
 # raw names saves a lower() and a set lookup per header.
-_RESPONSE_KINDS: dict[bytes, int] = {}
+_RESPONSE_KINDS: Final[dict[bytes, int]] = {}
 
 
 def _response_kind(name: bytes) -> int:
@@ -134,6 +136,23 @@ def _without_listed(parts: list[bytes], listed: frozenset[bytes]) -> list[bytes]
     return kept
 
 
+class Limits:
+    """The listener limits as plain attributes: read several times per request."""
+
+    def __init__(self, limits: ListenerLimits) -> None:
+        self.max_request_line: int = limits.max_request_line
+        self.max_header_size: int = limits.max_header_size
+        self.max_headers: int = limits.max_headers
+        self.max_body_size: int = limits.max_body_size
+        self.header_timeout: float = limits.header_timeout
+        self.body_timeout: float = limits.body_timeout
+        self.keepalive_timeout: float = limits.keepalive_timeout
+        self.keepalive_requests: int = limits.keepalive_requests
+
+    def __repr__(self) -> str:
+        return f"Limits(max_header_size={self.max_header_size}, max_body_size={self.max_body_size})"
+
+
 class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests, proxies them, answers in order."""
 
@@ -146,9 +165,12 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip_b = b""
         # receiving
         self.rx: Exchange | None = None
+        self.reading = False  # inside data_received: upstream writes wait in up_out
+        self.up_out: list[bytes] = []
         self.rx_headers: list[tuple[bytes, bytes, bytes]] = []
         self.rx_map: dict[bytes, bytes] = {}
-        self.limits = state.runtime.limits
+        self.runtime = state.runtime
+        self.limits = Limits(state.runtime.limits)
         self.host_raw = b""  # the last Host header and its parsed name: clients repeat it
         self.host = ""
         self.in_head = False
@@ -190,8 +212,7 @@ class ClientConnection(asyncio.Protocol):
             self.client_ip = str(peer)
         self.client_ip_b = self.client_ip.encode()
         self.state.connections.add(self)
-        limits = self.state.runtime.limits
-        self.deadline = _now() + limits.header_timeout
+        self.deadline = _now() + self.limits.header_timeout
         self.deadline_kind = 3
         if self.state.draining:
             self.closing = True
@@ -224,6 +245,7 @@ class ClientConnection(asyncio.Protocol):
         size = self.read_size = len(data)
         if self.in_head:
             self.head_bytes += size
+        self.reading = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -239,12 +261,28 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._protocol_error(400, "bad_request", _parser_message(exc))
         else:
-            if self.in_head and self.head_bytes > self.state.runtime.limits.max_header_size:
+            if self.in_head and self.head_bytes > self.limits.max_header_size:
                 self._protocol_error(
                     431, "request_header_too_large", "The request header block is too large"
                 )
+        self.reading = False
+        if self.up_out:
+            self._flush_upstream()
         if self.out:
             self._flush()
+
+    def _to_upstream(self, data: bytes) -> None:
+        """Bytes for the upstream; while a read is parsed they are sent together at its end."""
+        if self.reading:
+            self.up_out.append(data)
+        elif self.up is not None:
+            self.up.write(data)
+
+    def _flush_upstream(self) -> None:
+        up_out = self.up_out
+        if self.up is not None:
+            self.up.write(up_out[0] if len(up_out) == 1 else b"".join(up_out))
+        up_out.clear()
 
     def pause_writing(self) -> None:
         if self.up is not None:
@@ -270,7 +308,11 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True
         self.url = b""
         self.head_first_read = self.read_size
-        limits = self.limits = self.state.runtime.limits
+        runtime = self.state.runtime
+        if runtime is not self.runtime:  # a reload: new requests see the new limits
+            self.runtime = runtime
+            self.limits = Limits(runtime.limits)
+        limits = self.limits
         if self.deadline_kind != 2:
             self.deadline = now + limits.header_timeout
             self.deadline_kind = 1
@@ -345,7 +387,7 @@ class ClientConnection(asyncio.Protocol):
         if incoming_id is not None and acceptable_incoming_id(incoming_id):
             ex.request_id = incoming_id.decode("ascii")
         else:
-            ex.request_id = next_request_id()
+            ex.request_id = _IDS.next()
         if (
             b"content-length" in header_map
             or b"transfer-encoding" in header_map
@@ -391,7 +433,7 @@ class ClientConnection(asyncio.Protocol):
         size = len(body)
         ex.body_bytes += size
         if self.deadline_kind == 2:
-            self.deadline = _now() + self.state.runtime.limits.body_timeout
+            self.deadline = _now() + self.limits.body_timeout
         if ex.discard:
             if ex.body_bytes > DISCARD_LIMIT:
                 self.closing = True
@@ -399,18 +441,17 @@ class ClientConnection(asyncio.Protocol):
             return
         route = ex.route
         limit = (
-            route.max_body_size if route is not None else self.state.runtime.limits.max_body_size
+            route.max_body_size if route is not None else self.limits.max_body_size
         )
         if limit and ex.body_bytes > limit:
             raise _Reject(
                 413, "request_body_too_large", f"Request body is larger than {limit} bytes"
             )
-        up = self.up
-        if up is not None and ex is self.cur and ex.body_buffer is None:
+        if self.up is not None and ex is self.cur and ex.body_buffer is None:
             if ex.request_chunked:
-                up.write(b"%x\r\n%b\r\n" % (size, body))
+                self._to_upstream(b"%x\r\n%b\r\n" % (size, body))
             else:
-                up.write(body)
+                self._to_upstream(body)
             return
         if ex.body_buffer is None:
             ex.body_buffer = [body]
@@ -433,7 +474,7 @@ class ClientConnection(asyncio.Protocol):
             ex.discard = False
             return
         if ex is self.cur and self.up is not None and ex.body_buffer is None and ex.request_chunked:
-            self.up.write(_CHUNK_END)
+            self._to_upstream(_CHUNK_END)
 
     # -- request path ----------------------------------------------------------------------
 
@@ -455,7 +496,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.preset_response is not None:
             self._respond(ex, ex.preset_response)
             return
-        runtime = self.state.runtime
+        runtime = self.runtime
         found = runtime.router.match(ex.method, ex.host, ex.path, ex.header_map)
         if found.__class__ is int:
             self._no_route(ex, found)
@@ -517,7 +558,7 @@ class ClientConnection(asyncio.Protocol):
         self._flush()
 
     def _no_route(self, ex: Exchange, status: int) -> None:
-        router = self.state.runtime.router
+        router = self.runtime.router
         if status == 405:
             # A CORS preflight is matched as the request it announces.
             requested = ex.header_map.get(b"access-control-request-method")
@@ -646,7 +687,8 @@ class ClientConnection(asyncio.Protocol):
             data = head + _CHUNK_END
         else:
             data = head
-        conn.send(self, data, ex.method == "HEAD")
+        conn.start(self, ex.method == "HEAD")
+        self._to_upstream(data)
         if ex.expect_continue and not ex.request_complete:
             self.out.append(_CONTINUE)
 
@@ -886,7 +928,7 @@ class ClientConnection(asyncio.Protocol):
     def _client_keep_alive(self, ex: Exchange) -> bool:
         if not ex.keep_alive or self.closing or self.close_after or self.state.draining:
             return False
-        limit = self.state.runtime.limits.keepalive_requests
+        limit = self.limits.keepalive_requests
         return not (limit and self.requests + 1 >= limit)
 
     def _finish(self, ex: Exchange, keep_alive: bool) -> None:
@@ -911,7 +953,7 @@ class ClientConnection(asyncio.Protocol):
             self.cur = nxt
             self._start(nxt)
         elif self.rx is None and self.deadline_kind == 0:
-            self.deadline = now + self.state.runtime.limits.keepalive_timeout
+            self.deadline = now + self.limits.keepalive_timeout
             self.deadline_kind = 3
 
     def _log(self, ex: Exchange) -> None:
@@ -944,7 +986,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.rx or Exchange()
         self.rx = None
         if not ex.request_id:
-            ex.request_id = next_request_id()
+            ex.request_id = _IDS.next()
         if not ex.t_start:
             ex.t_start = _now()
         ex.keep_alive = False

@@ -18,10 +18,11 @@ import socket
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import httptools
 
+from tollgate.clock import SYSTEM_CLOCK, Clock
 from tollgate.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
     from tollgate.config.schema import PoolSettings, UpstreamTimeouts
 
 # Write-buffer marks on upstream sockets: past HIGH the client side stops reading.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
 
 
 class Sink(Protocol):
@@ -198,15 +199,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- use by the sink -------------------------------------------------------------------
 
-    def send(self, sink: Sink, data: bytes, head_only: bool) -> None:
-        """Start an exchange: write the request head (and any body already at hand)."""
+    def start(self, sink: Sink, head_only: bool) -> None:
+        """Start an exchange for `sink`; the request follows through `write`."""
         self.sink = sink
         self._head_only = head_only
         self._upgrading = False
         self._got_head = False
-        assert self.transport is not None
-        self.deadline = time.monotonic() + self.pool.read_timeout
-        self.transport.write(data)
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -270,14 +268,15 @@ class UpstreamConnection(asyncio.Protocol):
 class Resolver:
     """getaddrinfo with a TTL cache: a target is looked up once per TTL, not per connection."""
 
-    __slots__ = ("_cache", "ttl")
+    __slots__ = ("_cache", "clock", "ttl")
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, clock: Clock = SYSTEM_CLOCK) -> None:
         self.ttl = ttl
+        self.clock = clock
         self._cache: dict[tuple[str, int], tuple[float, list[tuple[Any, ...]]]] = {}
 
     async def resolve(self, host: str, port: int) -> list[tuple[Any, ...]]:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         cached = self._cache.get((host, port))
         if cached is not None and cached[0] > now:
             return cached[1]

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from tollgate.clock import FakeClock
-from tollgate.http import upstream as upstream_module
 from tollgate.http.upstream import Resolver
 
 TTL = 30.0
@@ -31,10 +29,8 @@ class CountingLookup:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    clock = FakeClock()
-    monkeypatch.setattr(upstream_module, "time", SimpleNamespace(monotonic=clock.monotonic))
-    return clock
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
@@ -45,7 +41,7 @@ async def lookups(monkeypatch: pytest.MonkeyPatch) -> CountingLookup:
 
 
 async def test_resolver_looks_a_name_up_once_within_its_ttl(clock, lookups):
-    resolver = Resolver(TTL)
+    resolver = Resolver(TTL, clock)
     for _ in range(3):
         infos = await resolver.resolve("backend.internal", 8080)
         clock.advance(TTL / 4)
@@ -54,7 +50,7 @@ async def test_resolver_looks_a_name_up_once_within_its_ttl(clock, lookups):
 
 
 async def test_resolver_looks_the_name_up_again_once_the_ttl_passed(clock, lookups):
-    resolver = Resolver(TTL)
+    resolver = Resolver(TTL, clock)
     await resolver.resolve("backend.internal", 8080)
     clock.advance(TTL + 0.001)
     await resolver.resolve("backend.internal", 8080)
@@ -62,7 +58,7 @@ async def test_resolver_looks_the_name_up_again_once_the_ttl_passed(clock, looku
 
 
 async def test_resolver_caches_each_name_and_port_apart(clock, lookups):
-    resolver = Resolver(TTL)
+    resolver = Resolver(TTL, clock)
     for host, port in [("a.internal", 80), ("a.internal", 81), ("b.internal", 80)] * 2:
         await resolver.resolve(host, port)
     assert lookups.calls == [("a.internal", 80), ("a.internal", 81), ("b.internal", 80)]
@@ -78,4 +74,4 @@ async def test_resolver_with_ttl_zero_looks_up_every_time(clock, lookups):
 async def test_resolver_raises_oserror_for_a_name_without_addresses(clock, lookups):
     lookups.answer_empty = True
     with pytest.raises(OSError, match=r"no address for nowhere\.internal"):
-        await Resolver(TTL).resolve("nowhere.internal", 80)
+        await Resolver(TTL, clock).resolve("nowhere.internal", 80)
