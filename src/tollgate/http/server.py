@@ -440,9 +440,7 @@ class ClientConnection(asyncio.Protocol):
                 self._close_now()
             return
         route = ex.route
-        limit = (
-            route.max_body_size if route is not None else self.limits.max_body_size
-        )
+        limit = route.max_body_size if route is not None else self.limits.max_body_size
         if limit and ex.body_bytes > limit:
             raise _Reject(
                 413, "request_body_too_large", f"Request body is larger than {limit} bytes"
