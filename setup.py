@@ -19,6 +19,7 @@ HOT_PATH = [
     "src/tollgate/http/responses.py",
     "src/tollgate/http/server.py",
     "src/tollgate/http/upstream.py",
+    "src/tollgate/routing/router.py",
 ]
 
 

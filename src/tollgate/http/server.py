@@ -105,8 +105,8 @@ def _status_line(status: int, reason: bytes) -> bytes:
 
 
 # Response header name as sent -> 0 forward, 1 drop (hop-by-hop), 2 Content-Length,
-# 3 Connection, 4 Upgrade. Upstreams send few distinct spellings, so a bounded cache of the
-# raw names saves a lower() and a set lookup per header.
+# 3 Connection, 4 Upgrade, 5 X-Request-Id. Upstreams send few distinct spellings, so a
+# bounded cache of the raw names saves a lower() and a set lookup per header.
 _RESPONSE_KINDS: Final[dict[bytes, int]] = {}
 
 
@@ -118,6 +118,8 @@ def _response_kind(name: bytes) -> int:
         kind = 3
     elif lname == b"upgrade":
         kind = 4
+    elif lname == b"x-request-id":
+        kind = 5
     elif lname in RESPONSE_DROP:
         kind = 1
     else:
@@ -173,6 +175,10 @@ class ClientConnection(asyncio.Protocol):
         self.limits = Limits(state.runtime.limits)
         self.host_raw = b""  # the last Host header and its parsed name: clients repeat it
         self.host = ""
+        # The forwarding lines last sent upstream, reused while target and Host stay the same.
+        self.forward_target: TargetEntry | None = None
+        self.forward_host = b""
+        self.forward_block = b""
         self.in_head = False
         self.head_bytes = 0  # bytes of the reads that began inside the current head
         self.read_size = 0  # bytes of the read being parsed
@@ -499,7 +505,7 @@ class ClientConnection(asyncio.Protocol):
         if found.__class__ is int:
             self._no_route(ex, found)
             return
-        route: CompiledRoute = found.payload  # type: ignore[union-attr, assignment]
+        route: CompiledRoute = found.payload  # type: ignore[union-attr]
         self._admit(ex, route, found.path)  # type: ignore[union-attr]
 
     def _admit(self, ex: Exchange, route: CompiledRoute, path: str) -> None:
@@ -563,7 +569,7 @@ class ClientConnection(asyncio.Protocol):
             if ex.method == "OPTIONS" and requested is not None:
                 found = router.match(_method(requested.strip()), ex.host, ex.path, ex.header_map)
                 if found.__class__ is not int:
-                    route: CompiledRoute = found.payload  # type: ignore[union-attr, assignment]
+                    route: CompiledRoute = found.payload  # type: ignore[union-attr]
                     if any(p.name == "cors" for p in route.policies):
                         self._admit(ex, route, found.path)  # type: ignore[union-attr]
                         return
@@ -692,54 +698,84 @@ class ClientConnection(asyncio.Protocol):
 
     def _request_head(self, ex: Exchange, route: CompiledRoute, target: TargetEntry) -> bytes:
         header_map = ex.header_map
-        parts = [ex.method_raw, b" ", ex.upstream_path]
+        parts: list[bytes] = [ex.method_raw, b" ", ex.upstream_path]
+        append = parts.append
         if ex.query:
-            parts += (b"?", ex.query)
-        parts.append(b" HTTP/1.1\r\n")
+            append(b"?")
+            append(ex.query)
+        append(b" HTTP/1.1\r\n")
         drop = route.drop_request_headers
         removed: frozenset[bytes] | set[bytes] | None = ex.upstream_remove
         connection = header_map.get(b"connection")
-        if connection is not None:
+        if connection is not None and connection.lower() not in PLAIN_CONNECTION_VALUES:
             listed = connection_tokens(connection) - PLAIN_CONNECTION_TOKENS
             if listed:
                 removed = listed if removed is None else removed | listed
         for lname, name, value in ex.headers:
             if lname in drop or (removed is not None and lname in removed):
                 continue
-            parts += (name, b": ", value, b"\r\n")
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
         client_host = header_map.get(b"host", b"")
-        host = client_host if route.preserve_host and client_host else target.host_header
         forwarded_for = header_map.get(b"x-forwarded-for")
         via = header_map.get(b"via")
-        parts += (
-            b"Host: ",
-            host,
-            b"\r\nX-Forwarded-For: ",
-            forwarded_for + b", " + self.client_ip_b if forwarded_for else self.client_ip_b,
-            b"\r\nX-Forwarded-Proto: ",
-            self.scheme,
-            b"\r\nX-Forwarded-Host: ",
-            client_host,
-            b"\r\nVia: ",
-            via + b", " + _VIA if via else _VIA,
-            b"\r\n",
-            route.request_id_header,
-            b": ",
-            ex.request_id.encode(),
-            b"\r\n",
-        )
+        if forwarded_for is None and via is None and not route.preserve_host:
+            # The usual case: the same block for every request of this connection and target.
+            if target is not self.forward_target or client_host != self.forward_host:
+                self.forward_target = target
+                self.forward_host = client_host
+                self.forward_block = self._forward_block(
+                    target.host_header, client_host, None, None
+                )
+            append(self.forward_block)
+        else:
+            host = client_host if route.preserve_host and client_host else target.host_header
+            append(self._forward_block(host, client_host, forwarded_for, via))
+        append(route.request_id_header)
+        append(b": ")
+        append(ex.request_id.encode())
+        append(b"\r\n")
         for name, value in ex.upstream_headers:
-            parts += (name, b": ", value, b"\r\n")
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
         if ex.request_chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            append(b"Transfer-Encoding: chunked\r\n")
         else:
             length = header_map.get(b"content-length")
             if length is not None:
-                parts += (b"Content-Length: ", length.strip(), b"\r\n")
+                append(b"Content-Length: ")
+                append(length.strip())
+                append(b"\r\n")
         if ex.upgrade:
-            parts += (b"Connection: upgrade\r\nUpgrade: ", header_map.get(b"upgrade", b""), b"\r\n")
-        parts.append(b"\r\n")
+            append(b"Connection: upgrade\r\nUpgrade: ")
+            append(header_map.get(b"upgrade", b""))
+            append(b"\r\n")
+        append(b"\r\n")
         return b"".join(parts)
+
+    def _forward_block(
+        self, host: bytes, client_host: bytes, forwarded_for: bytes | None, via: bytes | None
+    ) -> bytes:
+        """Host, X-Forwarded-For/-Proto/-Host and Via lines for the upstream request."""
+        return b"".join(
+            (
+                b"Host: ",
+                host,
+                b"\r\nX-Forwarded-For: ",
+                forwarded_for + b", " + self.client_ip_b if forwarded_for else self.client_ip_b,
+                b"\r\nX-Forwarded-Proto: ",
+                self.scheme,
+                b"\r\nX-Forwarded-Host: ",
+                client_host,
+                b"\r\nVia: ",
+                via + b", " + _VIA if via else _VIA,
+                b"\r\n",
+            )
+        )
 
     # -- upstream events (Sink) -----------------------------------------------------------
 
@@ -755,24 +791,31 @@ class ClientConnection(asyncio.Protocol):
         for step in route.upstream_response:
             step(ex, status, headers)
         line = _STATUS_LINES.get((status, reason))
-        parts = [line if line is not None else _status_line(status, reason)]
+        parts: list[bytes] = [line if line is not None else _status_line(status, reason)]
+        append = parts.append
         has_length = False
         listed = None
         kinds = _RESPONSE_KINDS
+        echo_id = route.echo_request_id
+        # Body-phase policies may change the length: the client then gets the body chunked.
+        rewrites_body = bool(route.body)
         for name, value in headers:
             kind = kinds.get(name)
             if kind is None:
                 kind = _response_kind(name)
-            if kind == 0:
-                parts += (name, b": ", value, b"\r\n")
-            elif kind == 2:
+            if kind == 0 or (kind == 5 and not echo_id) or (kind == 4 and status == 101):
+                append(name)
+                append(b": ")
+                append(value)
+                append(b"\r\n")
+            elif kind == 2 and not rewrites_body:
                 has_length = True
-                parts += (name, b": ", value, b"\r\n")
-            elif kind == 3:
-                if value.lower() not in PLAIN_CONNECTION_VALUES:
-                    listed = connection_tokens(value) - PLAIN_CONNECTION_TOKENS
-            elif kind == 4 and status == 101:
-                parts += (name, b": ", value, b"\r\n")
+                append(name)
+                append(b": ")
+                append(value)
+                append(b"\r\n")
+            elif kind == 3 and value.lower() not in PLAIN_CONNECTION_VALUES:
+                listed = connection_tokens(value) - PLAIN_CONNECTION_TOKENS
         if listed:
             parts = _without_listed(parts, listed)
         if status == 101:
@@ -784,11 +827,18 @@ class ClientConnection(asyncio.Protocol):
                 parts.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 self.close_after = True
-        if route.echo_request_id:
-            parts += (route.request_id_header, b": ", ex.request_id.encode(), b"\r\n")
+        if echo_id:
+            # The gateway's id replaces an upstream's own X-Request-Id (kind 5, dropped above).
+            append(route.request_id_header)
+            append(b": ")
+            append(ex.request_id.encode())
+            append(b"\r\n")
         if ex.response_headers:
             for name, value in ex.response_headers:
-                parts += (name, b": ", value, b"\r\n")
+                append(name)
+                append(b": ")
+                append(value)
+                append(b"\r\n")
         upstream_ms = int((now - ex.t_upstream_start) * 1000)
         gateway_ms = int((now - ex.t_start) * 1000) - upstream_ms
         parts.append(
@@ -815,6 +865,12 @@ class ClientConnection(asyncio.Protocol):
     def upstream_body(self, chunk: bytes) -> None:
         ex = self.cur
         assert ex is not None
+        route = ex.route
+        if route is not None and route.body:
+            for step in route.body:
+                chunk = step(ex, chunk)
+            if not chunk:
+                return  # held back by a policy; an empty chunk would end a chunked body
         ex.bytes_out += len(chunk)
         if self.resp_chunked:
             self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
@@ -837,10 +893,26 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel:
             self._finish(ex, False)
             return
+        route = ex.route
+        if route is not None and route.body:
+            self._end_body(ex, route)
         if self.resp_chunked:
             self.out.append(_CHUNK_END)
         self._balancer_finished(ex)
         self._finish(ex, self._client_keep_alive(ex))
+
+    def _end_body(self, ex: Exchange, route: CompiledRoute) -> None:
+        """Body-phase policies get a last call with b"" and may return what they held back."""
+        if ex.method == "HEAD" or ex.status in (204, 304):
+            return
+        for index, step in enumerate(route.body):
+            tail = step(ex, b"")
+            for later in route.body[index + 1 :]:
+                if tail:
+                    tail = later(ex, tail)
+            if tail:
+                ex.bytes_out += len(tail)
+                self.out.append(b"%x\r\n%b\r\n" % (len(tail), tail) if self.resp_chunked else tail)
 
     def upstream_failed(self, error: UpstreamError, response_started: bool) -> None:
         ex = self.cur

@@ -5,7 +5,9 @@ A policy acts in any of four phases, named after the methods it defines:
 - ``access(exchange)`` before the upstream is called; returns ``None`` to go on, a
   `GatewayResponse` to answer at once (short-circuit), or an awaitable of either;
 - ``upstream_response(exchange, response)`` when the upstream's head arrives (may edit headers);
-- ``body(exchange, chunk)`` for each response body chunk (returns the chunk to send);
+- ``body(exchange, chunk)`` for each response body chunk; returns the bytes to send (b"" to
+  hold them back). It is called once more with b"" when the body ends, to release what it
+  held. A route with body-phase policies sends its responses chunked (the length may change);
 - ``log(exchange)`` after the response is sent; never delays the client.
 
 Order: higher `priority` first, then config order (global, service, route). A route's entry

@@ -59,7 +59,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from types import MappingProxyType
-from typing import Final, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from tollgate.errors import TollgateError
 
@@ -82,7 +82,7 @@ class RouterError(TollgateError, ValueError):
 class RouteSpec:
     """One route as the router sees it; `payload` comes back on a match."""
 
-    payload: object
+    payload: Any
     hosts: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     methods: frozenset[str] = frozenset()
@@ -97,7 +97,7 @@ class RouteMatch(NamedTuple):
     A NamedTuple rather than a frozen dataclass: one is built per request, and building a
     frozen dataclass costs three times as much."""
 
-    payload: object
+    payload: Any
     path: str
     params: Mapping[str, str]
 
