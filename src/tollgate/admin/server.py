@@ -52,14 +52,11 @@ async def health(request: web.Request) -> web.Response:
     alive = sum(
         1 for h in supervisor.workers if h.process is not None and h.process.returncode is None
     )
-    status = 200 if alive else 503
+    # While draining, /health fails so that a load balancer polling it stops sending traffic.
+    state = "draining" if supervisor.stopping else ("ok" if alive else "down")
     return web.json_response(
-        {
-            "status": "ok" if alive else "down",
-            "workers": alive,
-            "config_version": supervisor.version,
-        },
-        status=status,
+        {"status": state, "workers": alive, "config_version": supervisor.version},
+        status=200 if state == "ok" else 503,
     )
 
 

@@ -38,7 +38,7 @@ class TLSSettings(Model):
 class ListenerLimits(Model):
     """Limits of the client-facing listener; each breach gets its own status."""
 
-    max_request_line: Size = Field(8 * 1024, description="Longest request line (431 past it).")
+    max_request_line: Size = Field(8 * 1024, description="Longest request target (414 past it).")
     max_header_size: Size = Field(32 * 1024, description="Request line and headers together (431).")
     max_headers: int = Field(100, ge=1, description="Most request header fields (431).")
     max_body_size: Size = Field(

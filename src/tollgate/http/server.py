@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
-from tollgate.errors import UpstreamConnectError, UpstreamError
+from tollgate.errors import UpstreamError
 from tollgate.http.exchange import Exchange
 from tollgate.http.headers import (
     IDEMPOTENT_METHODS,
@@ -647,9 +647,10 @@ class ClientConnection(asyncio.Protocol):
             if self.closed or ex is not self.cur:
                 return
             group = route.upstream
+            # Every error here is a failure to connect (refused, unreachable, timed out): the
+            # request never left, so an idempotent one may go to another target.
             retry = (
-                isinstance(error, UpstreamConnectError)
-                and ex.method in IDEMPOTENT_METHODS
+                ex.method in IDEMPOTENT_METHODS
                 and ex.tries <= group.retries
                 and len(group.targets) > len(exclude) + 1
             )

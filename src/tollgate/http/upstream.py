@@ -388,17 +388,24 @@ class Pool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if _is_ip(self.host):
-                    host = self.host
+                    addresses = [self.host]
                 else:
                     infos = await self.resolver.resolve(self.host, self.port)
-                    host = infos[0][4][0]
-                await loop.create_connection(
-                    lambda: conn,
-                    host,
-                    self.port,
-                    ssl=self.ssl_context,
-                    server_hostname=self.server_hostname if self.ssl_context else None,
-                )
+                    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+                # Each resolved address in turn (e.g. ::1 then 127.0.0.1 for localhost).
+                for position, address in enumerate(addresses):
+                    try:
+                        await loop.create_connection(
+                            lambda: conn,
+                            address,
+                            self.port,
+                            ssl=self.ssl_context,
+                            server_hostname=self.server_hostname if self.ssl_context else None,
+                        )
+                        break
+                    except OSError:
+                        if position == len(addresses) - 1:
+                            raise
         except TimeoutError:
             self.forget(conn)
             raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out") from None
@@ -424,7 +431,7 @@ class Pool:
             if self._hand_on(conn):
                 return
         if len(self._idle) < self.max_idle:
-            conn.idle_since = time.monotonic()
+            conn.idle_since = 0.0  # stamped by the next sweep: no clock read per request
             self._idle.append(conn)
         else:
             conn.close()
@@ -472,7 +479,10 @@ class Pool:
             for conn in self._idle:
                 if conn.closed:
                     continue
-                if conn.idle_since < limit:
+                if not conn.idle_since:
+                    conn.idle_since = now  # released since the last sweep
+                    keep.append(conn)
+                elif conn.idle_since < limit:
                     conn.close()
                 else:
                     keep.append(conn)

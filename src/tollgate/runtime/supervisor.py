@@ -27,6 +27,9 @@ from tollgate.runtime.worker import encode_message, read_message
 log = logging.getLogger("tollgate.supervisor")
 
 # A worker that dies sooner than this after starting counts as crash-looping: wait longer.
+# Same as the CLI's: the gateway could not start (bad config, a port in use, ...).
+EXIT_CANNOT_START = 2
+
 CRASH_LOOP_WINDOW = 5.0
 RESTART_BACKOFF_MAX = 10.0
 START_TIMEOUT = 30.0
@@ -228,16 +231,17 @@ class Supervisor:
         except Exception as exc:
             log.error("%s", exc)
             await self._stop_workers(0.0)
-            return 1
+            return EXIT_CANNOT_START
         if self.config.admin.listen is not None:
             from tollgate.admin.server import start_admin
 
             try:
                 self.admin = await start_admin(self, self.config.admin.listen)
             except OSError as exc:
-                log.error("cannot listen on %s (admin): %s", self.config.admin.listen, exc)
+                reason = exc.strerror or str(exc)
+                log.error("cannot listen on %s (admin): %s", self.config.admin.listen, reason)
                 await self._stop_workers(0.0)
-                return 1
+                return EXIT_CANNOT_START
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopped.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._track(self._reload_on_signal()))
