@@ -9,6 +9,7 @@ also checks that the worker still serves a fresh connection afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 from collections.abc import Awaitable, Callable
@@ -469,7 +470,7 @@ async def test_too_large_header_block_after_a_body_in_the_same_read_gets_431(
         await assert_refused_and_closed(client, strict_gateway, 431, "request_header_too_large")
 
 
-async def test_bad_request_pipelined_behind_a_proxied_one_closes_after_its_answer(
+async def test_bad_request_pipelined_behind_a_proxied_one_is_answered_in_order_then_closes(
     strict_gateway: Gateway, upstream: RecordingUpstream
 ) -> None:
     data = request("POST", "/open/small", body=b"b" * 500) + get("/open/x", [("X-L", "v" * 5000)])
@@ -477,7 +478,11 @@ async def test_bad_request_pipelined_behind_a_proxied_one_closes_after_its_answe
         await client.send(data)
         response = await client.response()
         assert (response.status, response.body) == (200, b"POST /open/small 500")
-        assert response.closes
+        assert not response.closes
+        error = await client.response()
+        assert error.status == 431
+        assert error.json()["error"]["type"] == "request_header_too_large"
+        assert error.closes
         assert await client.is_closed()
     await assert_worker_serves(strict_gateway)
     assert [r.target for r in upstream.requests] == ["/open/small", "/open/alive"]
@@ -740,3 +745,21 @@ async def test_tls_termination_serves_a_verifying_client(
         assert ssl_object.selected_alpn_protocol() in (None, "http/1.1")
     (received,) = upstream.requests
     assert received.header("x-forwarded-proto") == "https"
+
+
+async def test_client_still_uploading_after_an_early_413_reads_the_answer(
+    strict_gateway: Gateway,
+) -> None:
+    """The gateway half-closes and drains instead of resetting: the 413 is not lost."""
+    body = b"u" * (2 * 1024 * 1024)
+    async with await connect(strict_gateway) as client:
+        head = request("POST", "/open/big", [("Content-Length", str(len(body)))])
+        # A naive client sends everything before it reads; much is still unread at the gateway
+        # when it answers. A plain close would then reset the connection and drop the answer.
+        client.writer.write(head + body)
+        with contextlib.suppress(ConnectionError):
+            await client.writer.drain()
+        await asyncio.sleep(0.2)  # let any reset arrive before reading
+        response = await client.response()
+        assert_gateway_error(response, 413, "request_body_too_large")
+    await assert_worker_serves(strict_gateway)

@@ -54,6 +54,8 @@ WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 # Request body bytes held while the upstream connection is being opened, before pausing.
 BODY_BUFFER_HIGH: Final = 256 * 1024
+# How long a connection closed with unread request bytes drains them before the final close.
+LINGER_TIMEOUT: Final = 2.0
 # Pipelined requests queued behind the one in flight before the connection stops reading.
 PIPELINE_DEPTH: Final = 16
 # After the gateway answered early (e.g. 401), unread request body it will read and drop to keep
@@ -200,6 +202,8 @@ class ClientConnection(asyncio.Protocol):
         self.deadline_kind = 0  # 0 none, 1 head, 2 body, 3 keep-alive idle
         self.closing = False
         self.closed = False
+        self.linger = False  # close by half-closing and draining (unread request bytes)
+        self.lingering = False
         self.requests = 0
         self.paused_upstream = False
         self.paused_buffer = False
@@ -242,6 +246,8 @@ class ClientConnection(asyncio.Protocol):
         self.pipeline.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # after the final answer: read and drop until the client closes
         if self.tunnel:
             if self.up is not None:
                 self.up.write(data)
@@ -1014,6 +1020,8 @@ class ClientConnection(asyncio.Protocol):
             self._close_after_flush()
             return
         if not keep_alive or (not ex.request_complete and not ex.discard):
+            if not ex.request_complete:
+                self.linger = True
             self._close_after_flush()
             return
         if self.pipeline:
@@ -1064,10 +1072,11 @@ class ClientConnection(asyncio.Protocol):
         ex.request_complete = True
         response = error_response(status, error_type, message, ex.request_id)
         response.close = True
-        self.closing = True
+        self.linger = True  # the client may still be sending: drain before closing
         if self.transport is not None:
             self.transport.pause_reading()
         if ex is self.cur:
+            self.closing = True
             if ex.response_started:
                 self._close_now()
                 return
@@ -1078,11 +1087,15 @@ class ClientConnection(asyncio.Protocol):
                 self._balancer_finished(None)
             self._respond(ex, response)
         elif self.cur is None:
+            self.closing = True
             self.cur = ex
             self._respond(ex, response)
         else:
+            # Requests queued before the broken one are answered first, then the error, then
+            # the connection closes (its answer carries Connection: close).
             ex.preset_response = response
-            self.pipeline.append(ex)
+            if ex not in self.pipeline:
+                self.pipeline.append(ex)
 
     def _pause_for_upgrade(self) -> None:
         # Bytes after an Upgrade request belong to the new protocol: hold them until the 101.
@@ -1115,11 +1128,22 @@ class ClientConnection(asyncio.Protocol):
             self._close_now()
 
     def _close_now(self) -> None:
-        if self.out and self.transport is not None and not self.closed:
-            self.transport.write(b"".join(self.out))
+        transport = self.transport
+        if self.out and transport is not None and not self.closed:
+            transport.write(b"".join(self.out))
             self.out.clear()
-        if self.transport is not None:
-            self.transport.close()
+        if transport is None or self.lingering:
+            return
+        if self.linger and not self.closed and transport.can_write_eof():
+            # Closing with unread request bytes makes the kernel send a reset, which can destroy
+            # the answer before the client reads it; half-close and drain a while instead.
+            self.lingering = True
+            transport.write_eof()
+            transport.resume_reading()
+            self.deadline = _now() + LINGER_TIMEOUT
+            self.deadline_kind = 3
+        else:
+            transport.close()
 
     def _spawn(self, coro: Any) -> None:
         self.state.spawn(coro)
@@ -1134,7 +1158,11 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.deadline_kind = 0
         if kind == 3:
-            self._close_now()
+            if self.lingering:
+                if self.transport is not None:
+                    self.transport.close()
+            else:
+                self._close_now()
         elif kind == 1:
             self._protocol_error(408, "request_timeout", "The request head took too long")
             self._flush()
