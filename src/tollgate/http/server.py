@@ -54,6 +54,12 @@ WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 # Request body bytes held while the upstream connection is being opened, before pausing.
 BODY_BUFFER_HIGH: Final = 256 * 1024
+# What a connection's deadline enforces (checked by the worker's sweeper): nothing; the
+# request head (408); the gap between body pieces (408); idle keep-alive or lingering (close).
+NO_DEADLINE: Final = 0
+HEAD_DEADLINE: Final = 1
+BODY_DEADLINE: Final = 2
+IDLE_DEADLINE: Final = 3
 # How long a connection closed with unread request bytes drains them before the final close.
 LINGER_TIMEOUT: Final = 2.0
 # Pipelined requests queued behind the one in flight before the connection stops reading.
@@ -106,26 +112,32 @@ def _status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
-# Response header name as sent -> 0 forward, 1 drop (hop-by-hop), 2 Content-Length,
-# 3 Connection, 4 Upgrade, 5 X-Request-Id. Upstreams send few distinct spellings, so a
-# bounded cache of the raw names saves a lower() and a set lookup per header.
+# What the listener does with a response header, by its name as sent. Upstreams send few
+# distinct spellings, so a bounded cache of the raw names saves a lower() and a set lookup per
+# header.
+FORWARD: Final = 0
+DROP: Final = 1  # hop-by-hop
+CONTENT_LENGTH: Final = 2
+CONNECTION: Final = 3
+UPGRADE: Final = 4
+REQUEST_ID: Final = 5
 _RESPONSE_KINDS: Final[dict[bytes, int]] = {}
 
 
 def _response_kind(name: bytes) -> int:
     lname = name.lower()
     if lname == b"content-length":
-        kind = 2
+        kind = CONTENT_LENGTH
     elif lname == b"connection":
-        kind = 3
+        kind = CONNECTION
     elif lname == b"upgrade":
-        kind = 4
+        kind = UPGRADE
     elif lname == b"x-request-id":
-        kind = 5
+        kind = REQUEST_ID
     elif lname in RESPONSE_DROP:
-        kind = 1
+        kind = DROP
     else:
-        kind = 0
+        kind = FORWARD
     if len(_RESPONSE_KINDS) < 1024:
         _RESPONSE_KINDS[name] = kind
     return kind
@@ -199,7 +211,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_pending: bytes = b""
         # housekeeping
         self.deadline = 0.0
-        self.deadline_kind = 0  # 0 none, 1 head, 2 body, 3 keep-alive idle
+        self.deadline_kind = NO_DEADLINE
         self.closing = False
         self.closed = False
         self.linger = False  # close by half-closing and draining (unread request bytes)
@@ -223,7 +235,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip_b = self.client_ip.encode()
         self.state.connections.add(self)
         self.deadline = _now() + self.limits.header_timeout
-        self.deadline_kind = 3
+        self.deadline_kind = IDLE_DEADLINE
         if self.state.draining:
             self.closing = True
 
@@ -325,9 +337,9 @@ class ClientConnection(asyncio.Protocol):
             self.runtime = runtime
             self.limits = Limits(runtime.limits)
         limits = self.limits
-        if self.deadline_kind != 2:
+        if self.deadline_kind != BODY_DEADLINE:
             self.deadline = now + limits.header_timeout
-            self.deadline_kind = 1
+            self.deadline_kind = HEAD_DEADLINE
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -408,7 +420,7 @@ class ClientConnection(asyncio.Protocol):
             self._body_framing(ex, header_map)
         else:
             self.deadline = 0.0
-            self.deadline_kind = 0
+            self.deadline_kind = NO_DEADLINE
         if self.cur is None:
             self.cur = ex
             self._start(ex)
@@ -434,17 +446,17 @@ class ClientConnection(asyncio.Protocol):
             ex.expect_continue = True
         if ex.request_chunked or b"content-length" in header_map:
             self.deadline = ex.t_start + self.limits.body_timeout
-            self.deadline_kind = 2
+            self.deadline_kind = BODY_DEADLINE
         else:
             self.deadline = 0.0
-            self.deadline_kind = 0
+            self.deadline_kind = NO_DEADLINE
 
     def on_body(self, body: bytes) -> None:
         ex = self.rx
         assert ex is not None
         size = len(body)
         ex.body_bytes += size
-        if self.deadline_kind == 2:
+        if self.deadline_kind == BODY_DEADLINE:
             self.deadline = _now() + self.limits.body_timeout
         if ex.discard:
             if ex.body_bytes > DISCARD_LIMIT:
@@ -477,9 +489,9 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         self.rx = None
         ex.request_complete = True
-        if self.deadline_kind == 2:
+        if self.deadline_kind == BODY_DEADLINE:
             self.deadline = 0.0
-            self.deadline_kind = 0
+            self.deadline_kind = NO_DEADLINE
         if ex.discard:
             ex.discard = False
             return
@@ -810,18 +822,22 @@ class ClientConnection(asyncio.Protocol):
             kind = kinds.get(name)
             if kind is None:
                 kind = _response_kind(name)
-            if kind == 0 or (kind == 5 and not echo_id) or (kind == 4 and status == 101):
+            if (
+                kind == FORWARD
+                or (kind == REQUEST_ID and not echo_id)
+                or (kind == UPGRADE and status == 101)
+            ):
                 append(name)
                 append(b": ")
                 append(value)
                 append(b"\r\n")
-            elif kind == 2 and not rewrites_body:
+            elif kind == CONTENT_LENGTH and not rewrites_body:
                 has_length = True
                 append(name)
                 append(b": ")
                 append(value)
                 append(b"\r\n")
-            elif kind == 3 and value.lower() not in PLAIN_CONNECTION_VALUES:
+            elif kind == CONNECTION and value.lower() not in PLAIN_CONNECTION_VALUES:
                 listed = connection_tokens(value) - PLAIN_CONNECTION_TOKENS
         if listed:
             parts = _without_listed(parts, listed)
@@ -1031,9 +1047,9 @@ class ClientConnection(asyncio.Protocol):
                 self._update_reading()
             self.cur = nxt
             self._start(nxt)
-        elif self.rx is None and self.deadline_kind == 0:
+        elif self.rx is None and self.deadline_kind == NO_DEADLINE:
             self.deadline = now + self.limits.keepalive_timeout
-            self.deadline_kind = 3
+            self.deadline_kind = IDLE_DEADLINE
 
     def _log(self, ex: Exchange) -> None:
         route = ex.route
@@ -1141,7 +1157,7 @@ class ClientConnection(asyncio.Protocol):
             transport.write_eof()
             transport.resume_reading()
             self.deadline = _now() + LINGER_TIMEOUT
-            self.deadline_kind = 3
+            self.deadline_kind = IDLE_DEADLINE
         else:
             transport.close()
 
@@ -1156,17 +1172,17 @@ class ClientConnection(asyncio.Protocol):
             return
         kind = self.deadline_kind
         self.deadline = 0.0
-        self.deadline_kind = 0
-        if kind == 3:
+        self.deadline_kind = NO_DEADLINE
+        if kind == IDLE_DEADLINE:
             if self.lingering:
                 if self.transport is not None:
                     self.transport.close()
             else:
                 self._close_now()
-        elif kind == 1:
+        elif kind == HEAD_DEADLINE:
             self._protocol_error(408, "request_timeout", "The request head took too long")
             self._flush()
-        elif kind == 2:
+        elif kind == BODY_DEADLINE:
             ex = self.rx
             if ex is not None and ex is self.cur and not ex.response_started:
                 self._protocol_error(408, "request_timeout", "The request body took too long")
