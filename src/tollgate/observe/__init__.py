@@ -1,0 +1,1 @@
+"""Observing calls: call records, metrics, tracing, log queue, sinks, rollups and sketches."""
