@@ -110,8 +110,11 @@ def _render(problem: ConfigProblem) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tollgate.runtime.runtime import check_compiles
+
     try:
         config, data = read_config(args.config)
+        check_compiles(config, args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(_render(problem), file=sys.stderr)
@@ -124,8 +127,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from tollgate.runtime.runtime import check_compiles
+
     try:
         config, _ = read_config(args.config)
+        check_compiles(config, args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(_render(problem))
@@ -157,7 +163,7 @@ def _init(args: argparse.Namespace) -> int:
     print(
         f"wrote {target}\n"
         "next:\n"
-        "  python3 -m http.server 9000    # a demo upstream, in another terminal\n"
+        "  python3 -m http.server 9000 --bind 127.0.0.1    # a demo upstream, in another terminal\n"
         f"  tollgate check{option}\n"
         f"  tollgate serve{option}\n"
         "  curl -H 'apikey: demo-key-change-me' http://127.0.0.1:8080/"

@@ -763,3 +763,28 @@ async def test_client_still_uploading_after_an_early_413_reads_the_answer(
         response = await client.response()
         assert_gateway_error(response, 413, "request_body_too_large")
     await assert_worker_serves(strict_gateway)
+
+
+async def test_websocket_tunnel_outlives_the_upstream_read_timeout(
+    upstream: RecordingUpstream, start_gateway: GatewayStarter
+) -> None:
+    cfg = config(upstream)
+    cfg["upstreams"][0]["timeouts"] = {"read": 0.2}
+    gw = await start_gateway(cfg)
+    async with websocket_connect(f"ws://127.0.0.1:{gw.port}/ws") as websocket:
+        assert await websocket.recv() == "hello"
+        # Both sides silent for longer than the read timeout: a tunnel has none.
+        await asyncio.sleep(0.6)
+        await websocket.send("late")
+        assert await websocket.recv() == "echo:late"
+
+
+async def test_a_failing_policy_gets_500_and_the_worker_survives(gateway: Gateway) -> None:
+    def broken(ex: Any) -> None:
+        raise RuntimeError("a bug in a policy")
+
+    route = next(r for r in gateway.runtime.routes if r.name == "secure")
+    route.access = (broken,)
+    async with await connect(gateway) as client:
+        await client.send(get("/secure/x"))
+        await assert_refused_and_closed(client, gateway, 500, "internal_error")

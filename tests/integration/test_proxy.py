@@ -121,6 +121,7 @@ async def test_upstream_sees_forwarded_for_and_via_of_its_own_when_the_client_se
     seen = echoed((await raw(gw.port, request("GET", "/a"))).body)
     assert values(seen, "x-forwarded-for") == ["127.0.0.1"]
     assert values(seen, "via") == ["1.1 tollgate"]
+    assert values(seen, "x-forwarded-port") == [str(gw.port)]
 
 
 async def test_client_request_id_reaches_the_upstream_and_comes_back(echo, start_gateway):

@@ -250,3 +250,16 @@ def test_every_command_has_help(
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "usage: tollgate" in capsys.readouterr().err
+
+
+def test_check_reports_a_route_the_router_cannot_compile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "template.yaml"
+    path.write_text(
+        BROKEN.replace("httpbn", "httpbin").replace('pathz: ["/"]', 'paths: ["/o/{id}x"]')
+    )
+    assert main(["check", "-c", str(path)]) == 1
+    first, summary = capsys.readouterr().out.splitlines()
+    assert first.startswith(f"{path}: route 'services[0].routes[0] (demo/all)': path '/o/{{id}}x'")
+    assert summary == f"{path}: 1 problem"

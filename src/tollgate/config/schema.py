@@ -73,7 +73,6 @@ class GatewaySettings(Model):
     drain_timeout: Duration = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
-    server_header: bool = Field(False, description="Send `Server: tollgate` on gateway answers.")
 
     _listen = field_validator("listen")(_check_listen)
 

@@ -179,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""
         self.client_ip_b = b""
+        self.local_port_b = b""
         # receiving
         self.rx: Exchange | None = None
         self.reading = False  # inside data_received: upstream writes wait in up_out
@@ -233,6 +234,9 @@ class ClientConnection(asyncio.Protocol):
         elif peer:
             self.client_ip = str(peer)
         self.client_ip_b = self.client_ip.encode()
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple) and len(local) >= 2:
+            self.local_port_b = str(local[1]).encode()
         self.state.connections.add(self)
         self.deadline = _now() + self.limits.header_timeout
         self.deadline_kind = IDLE_DEADLINE
@@ -280,7 +284,8 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(cause, _Reject):
                 self._protocol_error(cause.status, cause.error_type, cause.message)
             else:
-                self._protocol_error(400, "bad_request", "The request could not be processed")
+                # A bug of ours (or of a policy), not of the client: 500, and it is logged.
+                self._protocol_error(500, "internal_error", "The gateway failed on this request")
                 self.state.log_exception("error in a parser callback", cause)
         except httptools.HttpParserError as exc:
             self._protocol_error(400, "bad_request", _parser_message(exc))
@@ -524,11 +529,11 @@ class ClientConnection(asyncio.Protocol):
             self._no_route(ex, found)
             return
         route: CompiledRoute = found.payload  # type: ignore[union-attr]
+        ex.params = found.params  # type: ignore[union-attr]
         self._admit(ex, route, found.path)  # type: ignore[union-attr]
 
     def _admit(self, ex: Exchange, route: CompiledRoute, path: str) -> None:
         ex.route = route
-        ex.params = None
         upstream_path = ex.raw_path if path == ex.path else path.encode("latin-1")
         ex.upstream_path = (
             route.service_path + upstream_path if route.service_path else upstream_path
@@ -560,6 +565,21 @@ class ClientConnection(asyncio.Protocol):
         self, ex: Exchange, route: CompiledRoute, pending: Any, next_index: int
     ) -> None:
         """The rest of an access chain after a policy needed I/O."""
+        try:
+            await self._access_rest(ex, route, pending, next_index)
+        except Exception as exc:
+            self.state.log_exception("error in an access policy", exc)
+            if not self.closed and ex is self.cur and not ex.response_started:
+                response = error_response(
+                    500, "internal_error", "The gateway failed on this request", ex.request_id
+                )
+                response.close = True
+                self._respond(ex, response)
+                self._flush()
+
+    async def _access_rest(
+        self, ex: Exchange, route: CompiledRoute, pending: Any, next_index: int
+    ) -> None:
         result = await pending
         access = route.access
         index = next_index
@@ -589,6 +609,7 @@ class ClientConnection(asyncio.Protocol):
                 if found.__class__ is not int:
                     route: CompiledRoute = found.payload  # type: ignore[union-attr]
                     if any(p.name == "cors" for p in route.policies):
+                        ex.params = found.params  # type: ignore[union-attr]
                         self._admit(ex, route, found.path)  # type: ignore[union-attr]
                         return
             allowed = ", ".join(sorted(router.allowed_methods(ex.host, ex.path, ex.header_map)))
@@ -790,6 +811,8 @@ class ClientConnection(asyncio.Protocol):
                 self.scheme,
                 b"\r\nX-Forwarded-Host: ",
                 client_host,
+                b"\r\nX-Forwarded-Port: ",
+                self.local_port_b,
                 b"\r\nVia: ",
                 via + b", " + _VIA if via else _VIA,
                 b"\r\n",
@@ -1031,6 +1054,11 @@ class ClientConnection(asyncio.Protocol):
         self.target = None
         self.resp_chunked = False
         if ex.route is not None and ex.route.log:
+            out = self.out
+            if out and self.transport is not None and not self.closed:
+                # The log phase runs after the answer is handed to the socket, never before.
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
             self._log(ex)
         if self.tunnel and self.up is None:
             self._close_after_flush()

@@ -78,6 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
         "deadline",
         "idle_since",
         "pool",
+        "reading_paused",
         "reused",
         "sink",
         "transport",
@@ -95,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._upgrading = False
         self.closed = False
         self.reused = False
+        self.reading_paused = False
         self.idle_since = 0.0
         self.deadline = 0.0
 
@@ -146,15 +148,20 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid upstream response: {exc}"))
             return
-        if self.sink is not None:
+        if self.sink is not None and not self.reading_paused and not self._upgrading:
             self.deadline = time.monotonic() + self.pool.read_timeout
         sink.upstream_flush()  # the sink that got this read's events, even if now detached
 
     def pause_writing(self) -> None:
+        # The upstream is not taking the request as fast as it comes: the write timeout runs.
+        if not self._upgrading:
+            self.deadline = time.monotonic() + self.pool.write_timeout
         if self.sink is not None:
             self.sink.upstream_pause()
 
     def resume_writing(self) -> None:
+        if not self._upgrading:
+            self.deadline = time.monotonic() + self.pool.read_timeout
         if self.sink is not None:
             self.sink.upstream_resume()
 
@@ -181,6 +188,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         if status == 101:
             self._upgrading = True
+            self.deadline = 0.0  # a tunnel has no read timeout: either side may stay silent
         sink = self.sink
         assert sink is not None
         sink.upstream_head(status, reason, headers)
@@ -208,16 +216,23 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.deadline = time.monotonic() + self.pool.read_timeout
+        if not self._upgrading and not self.reading_paused:
+            self.deadline = time.monotonic() + self.pool.read_timeout
         self.transport.write(data)
 
     def pause_reading(self) -> None:
+        """The client is slow to take the response: stop reading, and stop the read timer."""
         if self.transport is not None:
             self.transport.pause_reading()
+        self.reading_paused = True
+        self.deadline = 0.0
 
     def resume_reading(self) -> None:
         if self.transport is not None:
             self.transport.resume_reading()
+        self.reading_paused = False
+        if self.sink is not None and not self._upgrading:
+            self.deadline = time.monotonic() + self.pool.read_timeout
 
     def abandon(self) -> None:
         """The client went away or the exchange failed: drop the connection, never reuse it."""
@@ -348,9 +363,9 @@ class Pool:
         self.open: set[UpstreamConnection] = set()
         self.busy = 0
         self.resolver = Resolver(dns_ttl)
-        self.configure(settings, timeouts)
+        self.configure(settings, timeouts, dns_ttl)
 
-    def configure(self, settings: PoolSettings, timeouts: UpstreamTimeouts) -> None:
+    def configure(self, settings: PoolSettings, timeouts: UpstreamTimeouts, dns_ttl: float) -> None:
         """Apply (new) limits and timeouts; a reload keeps the pool and its warm connections."""
         self.max_connections = settings.max_connections
         self.max_idle = settings.max_idle
@@ -358,6 +373,7 @@ class Pool:
         self.connect_timeout = timeouts.connect
         self.read_timeout = timeouts.read
         self.write_timeout = timeouts.write
+        self.resolver.ttl = dns_ttl
 
     def acquire_idle(self) -> UpstreamConnection | None:
         """A warm idle connection, or None. Synchronous: the fast path awaits nothing."""
@@ -493,6 +509,13 @@ class Pool:
 
     def close(self) -> None:
         for conn in list(self.open):
+            conn.close()
+        self._idle.clear()
+
+    def close_idle(self) -> None:
+        """Unused by the current runtime: close the idle; busy ones close when they finish."""
+        self.max_idle = 0
+        for conn in self._idle:
             conn.close()
         self._idle.clear()
 

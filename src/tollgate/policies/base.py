@@ -4,15 +4,17 @@ A policy acts in any of four phases, named after the methods it defines:
 
 - ``access(exchange)`` before the upstream is called; returns ``None`` to go on, a
   `GatewayResponse` to answer at once (short-circuit), or an awaitable of either;
-- ``upstream_response(exchange, response)`` when the upstream's head arrives (may edit headers);
+- ``upstream_response(exchange, status, headers)`` when the upstream's head arrives; `headers`
+  is the upstream's list of (name, value) pairs, which it may edit in place;
 - ``body(exchange, chunk)`` for each response body chunk; returns the bytes to send (b"" to
   hold them back). It is called once more with b"" when the body ends, to release what it
   held. A route with body-phase policies sends its responses chunked (the length may change);
-- ``log(exchange)`` after the response is sent; never delays the client.
+- ``log(exchange)`` after the response has been handed to the socket; it must be quick
+  (enqueue, count), as it runs before the connection's next request.
 
 Order: higher `priority` first, then config order (global, service, route). A route's entry
 replaces the service's and the global entry of the same name, like Kong's plugin precedence.
-Chains are compiled once per route (see `tollgate.runtime.compile`), so the request path only
+Chains are compiled once per route (see `tollgate.runtime.runtime`), so the request path only
 iterates over tuples of bound methods.
 """
 

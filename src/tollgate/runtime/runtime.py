@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from tollgate.clock import SYSTEM_CLOCK, Clock
 from tollgate.config.schema import Config, ListenerLimits, PolicyEntryBase, Route, Service, Upstream
+from tollgate.errors import ConfigError, ConfigProblem
 from tollgate.http.headers import REQUEST_DROP
 from tollgate.http.upstream import Pool
 from tollgate.policies.base import Policy, registry
@@ -84,13 +85,27 @@ class CompiledRoute:
 
 
 class PoolRegistry:
-    """Per-worker connection pools by target, kept across reloads."""
+    """Per-worker connection pools, one per (upstream, target), kept across reloads.
+
+    Keyed by the upstream's name too, so two upstreams with the same target keep their own
+    limits and timeouts. After a reload, `prune` closes the pools the new runtime no longer uses
+    (their in-flight exchanges finish; idle connections close at once)."""
 
     def __init__(self) -> None:
         self.pools: dict[tuple[Any, ...], Pool] = {}
+        self.used: set[tuple[Any, ...]] = set()
 
     def get(self, upstream: Upstream, scheme: str, host: str, port: int) -> Pool:
-        key = (scheme, host, port, upstream.tls_verify, upstream.ca_file, upstream.sni)
+        key = (
+            upstream.name,
+            scheme,
+            host,
+            port,
+            upstream.tls_verify,
+            upstream.ca_file,
+            upstream.sni,
+        )
+        self.used.add(key)
         pool = self.pools.get(key)
         if pool is None:
             ssl_context = None
@@ -110,8 +125,17 @@ class PoolRegistry:
             )
             self.pools[key] = pool
         else:
-            pool.configure(upstream.pool, upstream.timeouts)
+            pool.configure(upstream.pool, upstream.timeouts, upstream.dns_ttl)
         return pool
+
+    def begin(self) -> None:
+        """Start compiling a runtime: track which pools it uses."""
+        self.used = set()
+
+    def prune(self) -> None:
+        """Close and drop the pools the last compiled runtime does not use."""
+        for key in [k for k in self.pools if k not in self.used]:
+            self.pools.pop(key).close_idle()
 
     def sweep(self, now: float) -> None:
         for pool in self.pools.values():
@@ -239,22 +263,33 @@ def _compile_route(
     )
 
 
+def check_compiles(config: Config, source: str) -> None:
+    """Raise ConfigError if the config passes validation but cannot be compiled (a route the
+    router refuses, an unknown anonymous consumer...): `check` and `serve` report it up front."""
+    try:
+        compile_config(config, PoolRegistry())
+    except ValueError as exc:
+        raise ConfigError([ConfigProblem(source, "", str(exc))]) from None
+
+
 def compile_config(
     config: Config, pools: PoolRegistry, *, version: int = 1, clock: Clock = SYSTEM_CLOCK
 ) -> Runtime:
     """Build a Runtime. Raises ValueError (with the route named) for what validation could not
     catch, such as a route the router cannot compile; the caller keeps the old runtime then."""
     consumers = ConsumerIndex.build(config.consumers)
+    pools.begin()
     groups = {u.name: _upstream_group(u, pools, clock) for u in config.upstreams}
     specs: list[RouteSpec] = []
     routes: list[CompiledRoute] = []
-    for service in config.services:
+    for service_index, service in enumerate(config.services):
         group = groups[service.upstream]
-        for route in service.routes:
+        for route_index, route in enumerate(service.routes):
+            where = f"services[{service_index}].routes[{route_index}] ({service.name}/{route.name})"
             try:
                 compiled = _compile_route(config, service, route, group, consumers, clock)
             except ValueError as exc:
-                raise ValueError(f"service {service.name!r} route {route.name!r}: {exc}") from None
+                raise ValueError(f"{where}: {exc}") from None
             routes.append(compiled)
             specs.append(
                 RouteSpec(
@@ -270,7 +305,7 @@ def compile_config(
                         for name, values in route.headers.items()
                     ),
                     strip_path=route.strip_path,
-                    name=f"{service.name}/{route.name}",
+                    name=where,
                 )
             )
     router = Router(specs)

@@ -21,7 +21,7 @@ from typing import Any
 
 from tollgate.config.schema import Config
 from tollgate.errors import ConfigError
-from tollgate.runtime.runtime import PoolRegistry, compile_config
+from tollgate.runtime.runtime import check_compiles
 from tollgate.runtime.worker import encode_message, read_message
 
 log = logging.getLogger("tollgate.supervisor")
@@ -176,10 +176,7 @@ class Supervisor:
 
         async with self._reload_lock:
             config, data = read_config(self.config_path)
-            try:
-                compile_config(config, PoolRegistry(), version=self.version + 1)
-            except ValueError as exc:
-                raise ReloadFailed(f"{self.config_path}: {exc}") from None
+            check_compiles(config, self.config_path)
             if config.gateway.listen != self.config.gateway.listen or worker_count(
                 config
             ) != worker_count(self.config):

@@ -147,6 +147,7 @@ class Gateway:
         runtime = compile_config(config, self.pools, version=self.version + 1)
         self.version += 1
         self.state.runtime = runtime
+        self.pools.prune()  # targets gone from the config: their idle connections close now
         self._sweep_every = _sweep_interval(config)
         return runtime
 
