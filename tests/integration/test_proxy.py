@@ -29,6 +29,7 @@ from upstreams import (
     StreamingUpstream,
     TLSUpstream,
     free_port,
+    response_bytes,
 )
 
 from tollgate.config.loader import parse_config_data
@@ -867,3 +868,34 @@ async def test_request_size_limit_stops_a_chunked_body_at_the_limit(echo, start_
     assert response.status == 413
     assert response.json()["error"]["type"] == "request_body_too_large"
     assert [r.body for r in echo.requests] == [b"x" * 800]  # the refused body never arrived whole
+
+
+class _BigUpstream(EchoUpstream):
+    """Answers with a large body in one write, so the gateway must apply flow control."""
+
+    SIZE = 8 * 1024 * 1024
+
+    async def respond(self, request: Any, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            response_bytes(200, [("Content-Type", "application/octet-stream")], b"z" * self.SIZE)
+        )
+        await writer.drain()
+        return True
+
+
+async def test_a_slow_client_gets_the_whole_response_past_the_upstream_read_timeout(
+    start_gateway,
+):
+    """While the client does not read, the upstream is paused and its read timer stopped."""
+    async with _BigUpstream() as big:
+        gw = await start_gateway(config([big.url], upstream={"timeouts": {"read": 0.3}}))
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(request("GET", "/big"))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        await reader.readexactly(64 * 1024)
+        await asyncio.sleep(1.0)  # the client stalls for over three read timeouts
+        rest = await asyncio.wait_for(reader.readexactly(_BigUpstream.SIZE - 64 * 1024), 10)
+        assert rest == b"z" * len(rest)
+        writer.close()
