@@ -8,10 +8,12 @@ import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from tollgate import __version__
 from tollgate.config.loader import read_config
-from tollgate.errors import ConfigError, ConfigProblem
+from tollgate.config.schema import Config
+from tollgate.errors import ConfigError
 from tollgate.logging import FORMATS, LEVELS, setup_logging
 
 DEFAULT_CONFIG = "tollgate.yaml"
@@ -99,25 +101,21 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _render(problem: ConfigProblem) -> str:
-    """`file:line: path: message`, leaving out what is unknown."""
-    where = problem.file if problem.line is None else f"{problem.file}:{problem.line}"
-    return (
-        f"{where}: {problem.path}: {problem.message}"
-        if problem.path
-        else f"{where}: {problem.message}"
-    )
+def _load(path: str) -> tuple[Config, dict[str, Any]]:
+    """Read and validate a config, and check that it compiles; raises ConfigError."""
+    from tollgate.runtime.runtime import check_compiles
+
+    config, data = read_config(path)
+    check_compiles(config, path)
+    return config, data
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tollgate.runtime.runtime import check_compiles
-
     try:
-        config, data = read_config(args.config)
-        check_compiles(config, args.config)
+        config, data = _load(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(_render(problem), file=sys.stderr)
+            print(problem, file=sys.stderr)
         return EXIT_CANNOT_START
     setup_logging(args.log_format, args.log_level)
     # Imported here: `check`, `init` and `version` need none of the runtime.
@@ -127,14 +125,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from tollgate.runtime.runtime import check_compiles
-
     try:
-        config, _ = read_config(args.config)
-        check_compiles(config, args.config)
+        config, _ = _load(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(_render(problem))
+            print(problem)
         count = len(exc.problems)
         print(f"{args.config}: {count} problem{'' if count == 1 else 's'}")
         return EXIT_PROBLEM

@@ -45,9 +45,9 @@ class ConfigProblem:
         self.line = line
 
     def __str__(self) -> str:
+        """`file:line: path: message`, leaving out what is unknown."""
         where = self.file if self.line is None else f"{self.file}:{self.line}"
-        at = f" at {self.path}" if self.path else ""
-        return f"{where}:{at} {self.message}" if at else f"{where}: {self.message}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
     def __repr__(self) -> str:
         return (
