@@ -476,6 +476,7 @@ def _cross_checks(config: Config) -> Iterator[tuple[Location, str]]:
                 _missing_upstream(service.upstream, upstream_names),
             )
     yield from _shared_keys(config)
+    yield from _unknown_plans(config)
 
 
 def _unique_names(
@@ -500,6 +501,22 @@ def _missing_upstream(name: str, known: list[str]) -> str:
     if known:
         return f"no upstream named {name!r} (defined: {', '.join(known)})"
     return f"no upstream named {name!r} (no upstreams are defined)"
+
+
+def _unknown_plans(config: Config) -> Iterator[tuple[Location, str]]:
+    """Once the file defines `plans`, a consumer's `plan` must name one of them."""
+    if not config.plans:
+        return
+    known = list(config.plans)
+    for index, consumer in enumerate(config.consumers):
+        if consumer.plan is not None and consumer.plan not in config.plans:
+            suggestion = _closest(consumer.plan, known)
+            message = f"no plan named {consumer.plan!r}"
+            if suggestion:
+                message += f"; did you mean {suggestion!r}?"
+            else:
+                message += f" (defined: {', '.join(known)})"
+            yield (("consumers", index, "plan"), message)
 
 
 def _shared_keys(config: Config) -> Iterator[tuple[Location, str]]:

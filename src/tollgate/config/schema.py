@@ -23,6 +23,7 @@ from pydantic import (
 from tollgate.config.base import Model
 from tollgate.config.units import Duration, Size
 from tollgate.policies import registry
+from tollgate.policies.rate_limit import PlanRateLimitConfig
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -277,6 +278,32 @@ class Consumer(Model):
     tags: list[str] = Field(default_factory=list)
 
 
+# -- plans ---------------------------------------------------------------------------------
+
+
+class Plan(Model):
+    """What a consumer's `plan` gives it. Policies read the sections they own."""
+
+    rate_limit: PlanRateLimitConfig | None = Field(
+        None,
+        alias="rate-limit",
+        description="Limits replacing a rate-limit policy's own where it sets `plans: true`.",
+    )
+
+
+def _check_plan_names(plans: dict[str, Plan]) -> dict[str, Plan]:
+    for name in plans:
+        if not re.match(_NAME, name):
+            raise ValueError(
+                f"plan name {name!r}: letters, digits, '.', '_' and '-', starting with a letter "
+                "or digit"
+            )
+    return plans
+
+
+Plans = Annotated[dict[str, Plan], AfterValidator(_check_plan_names)]
+
+
 class Config(Model):
     version: Literal[1] = 1
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
@@ -286,6 +313,9 @@ class Config(Model):
     upstreams: list[Upstream] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
     consumers: list[Consumer] = Field(default_factory=list)
+    plans: Plans = Field(
+        default_factory=dict, description="Named plans that consumers' `plan` selects."
+    )
     policies: list[PolicyEntry] = Field(  # type: ignore[valid-type]
         default_factory=list, description="Applied to every route."
     )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tollgate.clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
-    from tollgate.config.schema import Consumer
+    from tollgate.config.schema import Consumer, Plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +78,4 @@ class CompileContext:
     clock: Clock = SYSTEM_CLOCK
     service: str = ""
     route: str = ""
+    plans: Mapping[str, Plan] = field(default_factory=dict)

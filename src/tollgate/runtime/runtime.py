@@ -226,7 +226,11 @@ def _compile_route(
     clock: Clock,
 ) -> CompiledRoute:
     context = CompileContext(
-        consumers=consumers, clock=clock, service=service.name, route=route.name
+        consumers=consumers,
+        clock=clock,
+        service=service.name,
+        route=route.name,
+        plans=config.plans,
     )
     policies = _effective_policies(config, service, route, context)
     drop = set(REQUEST_DROP)

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from tollgate.clock import SYSTEM_CLOCK, Clock
 from tollgate.config.schema import Config
 from tollgate.http.ids import reseed
 from tollgate.http.server import ClientConnection
@@ -112,10 +113,11 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
 class Gateway:
     """The data plane of one worker: listener, runtime, reload and drain."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.pools = PoolRegistry()
         self.version = 1
-        runtime = compile_config(config, self.pools, version=self.version)
+        self.clock = clock  # what policies decide on (rate limits); tests pass a FakeClock
+        runtime = compile_config(config, self.pools, version=self.version, clock=clock)
         self.state = WorkerState(runtime, self.pools)
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -144,7 +146,7 @@ class Gateway:
 
     def reload(self, config: Config) -> Runtime:
         """Compile and swap. On error the exception propagates and the old runtime stays."""
-        runtime = compile_config(config, self.pools, version=self.version + 1)
+        runtime = compile_config(config, self.pools, version=self.version + 1, clock=self.clock)
         self.version += 1
         self.state.runtime = runtime
         self.pools.prune()  # targets gone from the config: their idle connections close now

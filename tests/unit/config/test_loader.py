@@ -287,7 +287,7 @@ def test_an_unknown_key_far_from_any_lists_the_valid_ones() -> None:
     assert (line, path) == (14, "zebra")
     assert message == (
         "unknown key (valid here: version, gateway, admin, storage, cluster, upstreams, "
-        "services, consumers, policies)"
+        "services, consumers, plans, policies)"
     )
 
 

@@ -1,0 +1,435 @@
+"""rate-limit: admit a request only if every one of its limits admits it (429 otherwise).
+
+Each limit is one of the algorithms of `tollgate.ratelimit.algorithms`, chosen by name with its
+own settings. A request is counted under a key (`by`: consumer, ip, header... see
+`tollgate.ratelimit.keys`) prefixed with the policy's place (service/route) and each limit's
+name and settings, so two policies never share counters while a reload that keeps a limit
+keeps its counters. The store (`tollgate.ratelimit.store`) decides on all the limits at once.
+
+With `plans: true`, a consumer whose plan (top-level `plans`) has a `rate-limit` section is
+limited by the plan's limits instead of the policy's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tollgate.config.base import Model
+from tollgate.config.units import Duration
+from tollgate.http.responses import GatewayResponse, error_response
+from tollgate.policies.base import Policy, register
+from tollgate.ratelimit.algorithms import (
+    ALGORITHM_KINDS,
+    CalendarQuota,
+    CombinedDecision,
+    Concurrency,
+    FixedWindow,
+    LeakyBucket,
+    RateAlgorithm,
+    SlidingWindowCounter,
+    SlidingWindowLog,
+    TokenBucket,
+)
+from tollgate.ratelimit.headers import (
+    LimitHeaders,
+    limit_fields,
+    policy_field,
+    retry_after_seconds,
+)
+from tollgate.ratelimit.keys import KeyBuilder, TrustedProxies, check_key_spec, parse_networks
+from tollgate.ratelimit.store import Limit, Store, process_store
+from tollgate.runtime.context import CompileContext
+
+if TYPE_CHECKING:
+    from tollgate.http.exchange import Exchange
+
+RATE_LIMITED = "Rate limit exceeded: {}"
+# Where an admitted request's concurrency slots wait for the log phase to give them back.
+HELD_NOTE = "rate-limit"
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+AlgorithmKind = Literal[
+    "fixed-window",
+    "sliding-window-log",
+    "sliding-window",
+    "token-bucket",
+    "leaky-bucket",
+    "concurrency",
+    "quota",
+]
+
+# The settings each algorithm requires, then those it may take.
+_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "fixed-window": (("limit", "window"), ()),
+    "sliding-window-log": (("limit", "window"), ()),
+    "sliding-window": (("limit", "window"), ()),
+    "token-bucket": (("rate", "burst"), ()),
+    "leaky-bucket": (("rate", "max_delay"), ()),
+    "concurrency": (("limit",), ("retry_after",)),
+    "quota": (("limit", "period"), ("time_zone",)),
+}
+if tuple(_SETTINGS) != ALGORITHM_KINDS:
+    raise AssertionError("every algorithm of ratelimit.algorithms needs its settings here")
+
+_MEANING = {
+    "limit": "the most cost admitted, an integer",
+    "window": "the window's length, e.g. 60s or 1h",
+    "rate": "units per second",
+    "burst": "the most cost admitted at once, an integer",
+    "max_delay": "the longest a request may be held back, e.g. 500ms; 0 to never hold one",
+    "period": "day or month",
+    "time_zone": "an IANA time zone such as Europe/Paris",
+    "retry_after": "what a refused request is told to wait, e.g. 1s",
+}
+
+# Seconds in the `w` of a daily quota; a month has no fixed length, so its quota has no `w`.
+_DAY = 86400.0
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+class LimitSpec(Model):
+    """One limit: an algorithm by name and the settings that algorithm takes."""
+
+    name: str = Field(
+        pattern=_NAME,
+        description="Names the limit in headers and messages; default: the algorithm's name.",
+    )
+    algorithm: AlgorithmKind
+    limit: int | None = Field(None, ge=1, description="Most cost per window, period or at once.")
+    window: Duration | None = Field(None, gt=0, description="Window length (window algorithms).")
+    rate: float | None = Field(None, gt=0, allow_inf_nan=False, description="Units per second.")
+    burst: int | None = Field(None, ge=1, description="Token bucket size.")
+    max_delay: Duration | None = Field(None, ge=0, description="Leaky bucket: longest hold.")
+    period: Literal["day", "month"] | None = Field(None, description="Quota period.")
+    time_zone: str | None = Field(None, description="Quota time zone (IANA); default UTC.")
+    retry_after: Duration | None = Field(None, gt=0, description="Concurrency: wait hint.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "name" not in value:
+            algorithm = value.get("algorithm")
+            if isinstance(algorithm, str):
+                return {**value, "name": algorithm}
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _time_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                CalendarQuota(1, "day", value)
+            except (KeyError, ValueError):
+                raise ValueError(
+                    f"unknown time zone {value!r} (an IANA name such as Europe/Paris)"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _settings(self) -> LimitSpec:
+        required, optional = _SETTINGS[self.algorithm]
+        for setting in required:
+            if getattr(self, setting) is None:
+                raise ValueError(f"{self.algorithm} needs `{setting}` ({_MEANING[setting]})")
+        for setting in _MEANING:
+            if setting not in required + optional and getattr(self, setting) is not None:
+                raise ValueError(
+                    f"{self.algorithm} does not take `{setting}` "
+                    f"(its settings: {', '.join(required + optional)})"
+                )
+        return self
+
+    def build(self) -> RateAlgorithm[Any]:
+        """The algorithm this limit describes."""
+        kind = self.algorithm
+        if kind == "fixed-window":
+            return FixedWindow(self._int("limit"), self._float("window"))
+        if kind == "sliding-window-log":
+            return SlidingWindowLog(self._int("limit"), self._float("window"))
+        if kind == "sliding-window":
+            return SlidingWindowCounter(self._int("limit"), self._float("window"))
+        if kind == "token-bucket":
+            return TokenBucket(self._float("rate"), self._int("burst"))
+        if kind == "leaky-bucket":
+            return self._leaky_bucket()
+        if kind == "concurrency":
+            if self.retry_after is None:
+                return Concurrency(self._int("limit"))
+            return Concurrency(self._int("limit"), self.retry_after)
+        return CalendarQuota(self._int("limit"), self.period or "day", self.time_zone or "UTC")
+
+    def fingerprint(self) -> str:
+        """The algorithm and the settings that shape its state: a key part that stays the same
+        across reloads while they do (a concurrency limit's `retry_after` hint is not one)."""
+        required, _ = _SETTINGS[self.algorithm]
+        settings = [f"{setting}={getattr(self, setting)!r}" for setting in required]
+        if self.algorithm == "quota":
+            settings.append(f"time_zone={self.time_zone or 'UTC'!r}")
+        return f"{self.algorithm}:{','.join(settings)}"
+
+    def window_seconds(self) -> float | None:
+        """The `w` of this limit's policy item: the time over which its quota is given."""
+        kind = self.algorithm
+        if kind == "token-bucket":
+            return self._int("burst") / self._float("rate")
+        if kind == "leaky-bucket":
+            return self._leaky_bucket().capacity / self._float("rate")
+        if kind == "quota":
+            return _DAY if self.period == "day" else None
+        return self.window
+
+    def quota(self) -> int:
+        """The `q` of this limit's policy item: the most cost it admits at once."""
+        if self.algorithm == "token-bucket":
+            return self._int("burst")
+        if self.algorithm == "leaky-bucket":
+            return self._leaky_bucket().capacity
+        return self._int("limit")
+
+    def _leaky_bucket(self) -> LeakyBucket:
+        return LeakyBucket(self._float("rate"), self._float("max_delay"))
+
+    def _int(self, setting: str) -> int:
+        value = getattr(self, setting)
+        assert isinstance(value, int), f"{setting} is validated as required"
+        return value
+
+    def _float(self, setting: str) -> float:
+        value = getattr(self, setting)
+        assert isinstance(value, int | float), f"{setting} is validated as required"
+        return float(value)
+
+
+def check_limits(limits: Sequence[LimitSpec], cost: int | None = None) -> None:
+    """ValueError if two limits share a name, or if `cost` can never fit one of them."""
+    seen: set[str] = set()
+    for spec in limits:
+        if spec.name in seen:
+            raise ValueError(
+                f"two limits are named {spec.name!r}: give each a `name` of its own "
+                "(the default is the algorithm's name)"
+            )
+        seen.add(spec.name)
+        if cost is not None:
+            decision, _ = spec.build().decide(None, 0.0, cost)
+            if math.isinf(decision.retry_after):
+                raise ValueError(
+                    f"cost {cost} can never fit limit {spec.name!r}, which admits at most "
+                    f"{decision.limit} at once: every request would be refused"
+                )
+
+
+class PlanRateLimitConfig(Model):
+    """A plan's `rate-limit` section: limits that replace a policy's own (`plans: true`)."""
+
+    limits: list[LimitSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _limits(self) -> PlanRateLimitConfig:
+        check_limits(self.limits)
+        return self
+
+
+class RateLimitConfig(Model):
+    limits: list[LimitSpec] | None = Field(
+        None,
+        min_length=1,
+        description="Limits that must all admit a request; optional with `plans: true`.",
+    )
+    plans: bool = Field(
+        False, description="Consumers whose plan has `rate-limit` limits get those instead."
+    )
+    by: str | list[str] = Field(
+        "consumer",
+        description="consumer, credential, ip, route, service, header:NAME, path, global, "
+        "or a list of them (one counter per combination).",
+    )
+    cost: int = Field(1, ge=1, description="What each request counts for.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or CIDRs of proxies whose X-Forwarded-For is believed.",
+    )
+    status: int = Field(429, ge=400, le=599, description="Status of a refused request.")
+    headers: bool = Field(True, description="Send RateLimit-Policy, RateLimit, X-RateLimit-*.")
+    store: Literal["process", "local", "redis"] = Field(
+        "process", description="Where counters live: process (each worker counts on its own)."
+    )
+
+    @field_validator("by")
+    @classmethod
+    def _by(cls, value: str | list[str]) -> str | list[str]:
+        specs = [value] if isinstance(value, str) else value
+        if not specs:
+            raise ValueError("`by` needs at least one key part")
+        for spec in specs:
+            check_key_spec(spec)
+        if len(set(specs)) != len(specs):
+            raise ValueError("`by` lists a key part twice")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        parse_networks(value)
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if value == "local":
+            raise ValueError(
+                "store `local` (counters shared by the workers of a node) needs the "
+                "shared-memory store, which this version does not have yet; use `process`"
+            )
+        if value == "redis":
+            raise ValueError(
+                "store `redis` (counters shared by every node) needs the Redis store and "
+                "`cluster.redis`, which this version does not have yet; use `process`"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> RateLimitConfig:
+        if self.limits is None:
+            if not self.plans:
+                raise ValueError(
+                    "`limits` is required, unless `plans: true` takes them from consumers' plans"
+                )
+        else:
+            check_limits(self.limits, self.cost)
+        return self
+
+
+# -- compiled ------------------------------------------------------------------------------
+
+
+class CompiledLimits:
+    """A set of limits ready for the request path: keys' prefixes, algorithms, header parts."""
+
+    __slots__ = ("algorithms", "concurrency", "headers", "messages", "never", "policy", "prefixes")
+
+    def __init__(self, specs: Sequence[LimitSpec], scope: str) -> None:
+        self.prefixes = tuple(f"{scope}|{spec.name}|{spec.fingerprint()}|" for spec in specs)
+        self.algorithms = tuple(spec.build() for spec in specs)
+        self.concurrency = tuple(
+            index for index, spec in enumerate(specs) if spec.algorithm == "concurrency"
+        )
+        self.messages = tuple(RATE_LIMITED.format(spec.name) for spec in specs)
+        self.headers = tuple(
+            LimitHeaders.render(spec.name, spec.quota(), spec.window_seconds()) for spec in specs
+        )
+        self.policy = policy_field(self.headers)
+        windows = [spec.window_seconds() or 0.0 for spec in specs]
+        self.never = math.ceil(max(windows))
+
+    def keyed(self, client: str) -> list[Limit]:
+        """The (key, algorithm) of every limit for the client key `client`."""
+        return [
+            (prefix + client, algorithm)
+            for prefix, algorithm in zip(self.prefixes, self.algorithms, strict=True)
+        ]
+
+    def fields(self, combined: CombinedDecision) -> list[tuple[bytes, bytes]]:
+        return limit_fields(self.policy, self.headers[combined.limit_index], combined.decision)
+
+    def __repr__(self) -> str:
+        return f"CompiledLimits({self.policy[1].decode()})"
+
+
+@register
+class RateLimit(Policy):
+    name = "rate-limit"
+    priority = 910  # after authentication (key-auth is 1250): keys may name the consumer
+    Config = RateLimitConfig
+
+    def __init__(self, config: RateLimitConfig, context: CompileContext) -> None:
+        super().__init__(config, context)
+        self._clock = context.clock
+        self._store: Store = process_store(context.clock)
+        self._key = KeyBuilder(
+            [config.by] if isinstance(config.by, str) else config.by,
+            service=context.service,
+            route=context.route,
+            proxies=TrustedProxies(config.trusted_proxies),
+        )
+        # One rate-limit policy per route (a later entry replaces an earlier one), so the route
+        # is the policy's identity: no other policy counts under these keys.
+        scope = f"{self.name}|{context.service}/{context.route}"
+        self._own = CompiledLimits(config.limits, scope) if config.limits else None
+        self._by_plan: dict[str, CompiledLimits] | None = None
+        if config.plans:
+            if not context.plans:
+                raise ValueError("rate-limit has `plans: true` but the config defines no `plans`")
+            self._by_plan = {}
+            for plan_name, plan in context.plans.items():
+                if plan.rate_limit is None:
+                    continue
+                try:
+                    check_limits(plan.rate_limit.limits, config.cost)
+                except ValueError as exc:
+                    raise ValueError(f"rate-limit with plan {plan_name!r}: {exc}") from None
+                self._by_plan[plan_name] = CompiledLimits(plan.rate_limit.limits, scope)
+        self._cost = config.cost
+        self._status = config.status
+        self._headers = config.headers
+
+    def access(self, ex: Exchange) -> GatewayResponse | Awaitable[None] | None:
+        limits = self._own
+        by_plan = self._by_plan
+        if by_plan is not None:
+            consumer = ex.consumer
+            if consumer is not None and consumer.plan is not None:
+                limits = by_plan.get(consumer.plan, limits)
+        if limits is None:
+            return None
+        keyed = limits.keyed(self._key(ex))
+        combined = self._store.hit(keyed, self._clock.wall(), self._cost)
+        decision = combined.decision
+        if not decision.allowed:
+            return error_response(
+                self._status,
+                "rate_limited",
+                limits.messages[combined.limit_index],
+                ex.request_id,
+                limits.fields(combined) if self._headers else None,
+                retry_after=retry_after_seconds(decision.retry_after, limits.never),
+            )
+        if limits.concurrency:
+            self._hold(ex, [keyed[index][0] for index in limits.concurrency])
+        if self._headers:
+            ex.add_response_headers(limits.fields(combined))
+        if decision.delay > 0:
+            return asyncio.sleep(decision.delay)  # the leaky bucket spaces requests out
+        return None
+
+    def log(self, ex: Exchange) -> None:
+        """Give back the concurrency slots the request held: it has ended, one way or another
+        (the listener runs `log` for every exchange of a route, a client gone away included)."""
+        notes = ex.policy_notes
+        if notes is None:
+            return
+        held = notes.pop(HELD_NOTE, None)
+        if held is None:
+            return
+        keys, cost = held
+        for key in keys:
+            self._store.release(key, cost)
+
+    def _hold(self, ex: Exchange, keys: Iterable[str]) -> None:
+        held = (tuple(keys), self._cost)
+        if ex.policy_notes is None:
+            ex.policy_notes = {HELD_NOTE: held}
+        else:
+            ex.policy_notes[HELD_NOTE] = held
+
+    def __repr__(self) -> str:
+        plans = sorted(self._by_plan) if self._by_plan is not None else None
+        return f"RateLimit(own={self._own!r}, plans={plans}, key={self._key!r})"
