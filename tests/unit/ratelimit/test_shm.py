@@ -1,0 +1,476 @@
+"""The shared-memory store: exact across worker processes, robust to crashed and torn writers.
+
+Processes are real (forked); time is passed in, never waited for.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tollgate.ratelimit import (
+    CalendarQuota,
+    Concurrency,
+    Decision,
+    FixedWindow,
+    LeakyBucket,
+    RateAlgorithm,
+    SlidingWindowCounter,
+    SlidingWindowLog,
+    TokenBucket,
+    WindowCount,
+    decide_all,
+)
+from tollgate.ratelimit.shm import (
+    HEADER_SIZE,
+    MAX_CAPACITY,
+    SharedMemoryError,
+    SharedMemoryStore,
+)
+
+NOW = 1_700_000_000.0
+# Long enough for a loaded machine; a wedged store fails the test instead of hanging it.
+PROCESS_TIMEOUT = 30.0
+
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "ratelimit.shm"
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[SharedMemoryStore]:
+    with SharedMemoryStore.create(path, 1024) as store:
+        yield store
+
+
+def fixed_size_algorithms() -> list[RateAlgorithm[Any]]:
+    return [
+        FixedWindow(10, 60),
+        SlidingWindowCounter(10, 60),
+        TokenBucket(rate=0.7, burst=10),
+        LeakyBucket(rate=0.7, max_delay=9),
+        Concurrency(10),
+        CalendarQuota(10, "day", "Europe/Paris"),
+    ]
+
+
+# -- one process -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", fixed_size_algorithms(), ids=repr)
+def test_every_fixed_size_state_round_trips_exactly_through_the_store(
+    store: SharedMemoryStore, algorithm: RateAlgorithm[Any]
+) -> None:
+    # Admissions, rejections and window changes at awkward float times and costs: the store's
+    # decisions and states are those of the pure algorithm, bit for bit.
+    steps = [(0.0, 1), (0.1, 3), (0.30000000000000004, 2), (1.7, 4), (2.9, 1), (59.99, 2)]
+    steps += [(61.3, 5), (61.3, 6), (125.123456789, 1), (86_400.5, 3)]
+    state = None
+    for offset, cost in steps:
+        expected = decide_all([(algorithm, state)], NOW + offset, cost)
+        combined = store.hit([("client", algorithm)], NOW + offset, cost)
+        assert combined == expected
+        state = expected.states[0]
+        assert (
+            store.peek("client", algorithm, NOW + offset)
+            == algorithm.decide(state, NOW + offset)[0]
+        )
+
+
+def test_a_request_rejected_by_one_limit_spends_none_of_the_others(
+    store: SharedMemoryStore,
+) -> None:
+    per_second = TokenBucket(rate=1, burst=5)
+    per_hour = FixedWindow(2, 3600)
+    limits: list[tuple[str, RateAlgorithm[Any]]] = [
+        ("acme|second", per_second),
+        ("acme|hour", per_hour),
+    ]
+    assert store.hit(limits, NOW, 1).decision.allowed
+    assert store.hit(limits, NOW, 1).decision.allowed
+    rejected = store.hit(limits, NOW, 1)
+    assert not rejected.decision.allowed
+    assert rejected.limit_index == 1
+    # The bucket was spent twice, not three times.
+    assert store.peek("acme|second", per_second, NOW).remaining == 2
+
+
+def test_several_limits_decide_as_decide_all_does(store: SharedMemoryStore) -> None:
+    limits: list[tuple[str, RateAlgorithm[Any]]] = [
+        ("k|fixed", FixedWindow(4, 10)),
+        ("k|bucket", TokenBucket(rate=2, burst=6)),
+        ("k|shaper", LeakyBucket(rate=1, max_delay=3)),
+    ]
+    states: list[Any] = [None, None, None]
+    for step in range(12):
+        now = NOW + step * 0.4
+        expected = decide_all(
+            [(algorithm, state) for (_, algorithm), state in zip(limits, states, strict=True)],
+            now,
+            1 + step % 2,
+        )
+        assert store.hit(limits, now, 1 + step % 2) == expected
+        states = list(expected.states)
+
+
+def test_one_key_under_two_algorithm_kinds_keeps_two_states(store: SharedMemoryStore) -> None:
+    window = FixedWindow(1, 60)
+    bucket = TokenBucket(rate=1, burst=3)
+    assert store.hit([("acme", window), ("acme", bucket)], NOW, 1).decision.allowed
+    assert store.peek("acme", window, NOW).allowed is False
+    assert store.peek("acme", bucket, NOW).remaining == 1  # 3 - 1, then 1 more for the peek
+
+
+def test_a_key_twice_with_one_algorithm_kind_in_one_hit_is_refused(
+    store: SharedMemoryStore,
+) -> None:
+    with pytest.raises(ValueError, match="twice"):
+        store.hit([("acme", FixedWindow(1, 60)), ("acme", FixedWindow(5, 1))], NOW, 1)
+
+
+def test_peek_counts_nothing(store: SharedMemoryStore) -> None:
+    window = FixedWindow(1, 60)
+    for _ in range(3):
+        assert store.peek("acme", window, NOW).allowed
+    assert store.hit([("acme", window)], NOW, 1).decision.allowed
+
+
+def test_reset_forgets_a_key_under_every_algorithm(store: SharedMemoryStore) -> None:
+    window = FixedWindow(1, 60)
+    bucket = TokenBucket(rate=1, burst=1)
+    store.hit([("acme", window), ("acme", bucket)], NOW, 1)
+    store.hit([("other", window)], NOW, 1)
+    store.reset("acme")
+    assert store.hit([("acme", window), ("acme", bucket)], NOW, 1).decision.allowed
+    assert not store.hit([("other", window)], NOW, 1).decision.allowed
+
+
+def test_release_gives_a_concurrency_slot_back(store: SharedMemoryStore) -> None:
+    slots = Concurrency(2)
+    assert store.hit([("upload", slots)], NOW, 1).decision.allowed
+    assert store.hit([("upload", slots)], NOW, 1).decision.allowed
+    assert not store.hit([("upload", slots)], NOW, 1).decision.allowed
+    store.release("upload", 1)
+    assert store.hit([("upload", slots)], NOW, 1).decision.allowed
+    # Releasing more than is in flight frees the record and never counts below zero.
+    store.release("upload", 5)
+    assert store.used() == 0
+    assert store.peek("upload", slots, NOW).remaining == 1
+    store.release("never-acquired", 1)
+
+
+def test_a_store_without_locks_decides_as_one_with_them(path: Path, tmp_path: Path) -> None:
+    bucket = TokenBucket(rate=3, burst=4)
+    with (
+        SharedMemoryStore.create(path, 64) as locked,
+        SharedMemoryStore.create(tmp_path / "unlocked.shm", 64, locking=False) as unlocked,
+    ):
+        for step in range(10):
+            now = NOW + step / 7
+            assert locked.hit([("k", bucket)], now, 1) == unlocked.hit([("k", bucket)], now, 1)
+        assert "locking=False" in repr(unlocked)
+
+
+def test_a_store_opened_by_path_sees_what_another_wrote(path: Path) -> None:
+    window = FixedWindow(2, 60)
+    with SharedMemoryStore.create(path, 64) as first, SharedMemoryStore.open(path) as second:
+        assert first.hit([("acme", window)], NOW, 1).decision.allowed
+        assert second.hit([("acme", window)], NOW, 1).decision.allowed
+        assert not first.hit([("acme", window)], NOW, 1).decision.allowed
+
+
+def test_the_sliding_window_log_is_refused_with_the_reason(store: SharedMemoryStore) -> None:
+    log = SlidingWindowLog(10, 60)
+    with pytest.raises(ValueError, match=r"variable-size.*use 'sliding-window'"):
+        SharedMemoryStore.check_algorithm(log)
+    with pytest.raises(ValueError, match="variable-size"):
+        store.hit([("acme", log)], NOW, 1)
+    SharedMemoryStore.check_algorithm(TokenBucket(rate=1, burst=1))
+
+
+# -- a full table ----------------------------------------------------------------------------
+
+
+def test_a_full_stripe_evicts_the_record_that_expires_first(path: Path) -> None:
+    bucket = TokenBucket(rate=1, burst=10)  # a key spent by `cost` expires `cost` s later
+    with SharedMemoryStore.create(path, 4) as store:  # one stripe of four slots
+        for key, cost in [("a", 4), ("b", 1), ("c", 3), ("d", 2)]:
+            store.hit([(key, bucket)], NOW, cost)
+        assert (store.used(), store.evictions()) == (4, 0)
+
+        assert store.hit([("e", bucket)], NOW, 5).decision.allowed
+        assert (store.used(), store.evictions()) == (4, 1)
+        assert store.peek("b", bucket, NOW).remaining == 9  # evicted: afresh
+        assert store.peek("a", bucket, NOW).remaining == 5  # kept
+        assert "capacity=4, used=4, evictions=1" in repr(store)
+
+        # Expired records are reused, not evicted.
+        later = NOW + 4
+        store.hit([("f", bucket)], later, 1)
+        store.hit([("g", bucket)], later, 1)
+        assert store.evictions() == 1
+        assert store.peek("e", bucket, later).remaining == 8  # 5 spent, 4 back, 1 peeked
+
+
+def test_a_request_never_evicts_its_own_other_limit(path: Path) -> None:
+    window = FixedWindow(5, 60)
+    with SharedMemoryStore.create(path, 2) as store:
+        store.hit([("old", FixedWindow(5, 3600))], NOW, 1)  # expires in 2800 s
+        store.hit([("mine", window)], NOW, 1)  # expires in 40 s
+        # "mine" is found, "new" needs a slot: "old" must go, though "mine" expires first.
+        store.hit([("mine", window), ("new", window)], NOW, 1)
+        assert store.peek("mine", window, NOW).remaining == 2
+
+
+# -- sizes and files -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity", [0, -1, MAX_CAPACITY + 1, True, 2.5, "64"])
+def test_an_impossible_capacity_is_refused_clearly(path: Path, capacity: Any) -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        SharedMemoryStore.create(path, capacity)
+    assert not path.exists()
+
+
+def test_capacity_is_rounded_up_to_whole_stripes(path: Path) -> None:
+    with SharedMemoryStore.create(path, 100) as store:
+        assert store.capacity == 128
+    with SharedMemoryStore.create(path, 3) as store:
+        assert store.capacity == 3
+
+
+def test_a_file_that_is_not_a_store_is_refused(path: Path) -> None:
+    path.write_bytes(b"version: 1\n" * 1000)
+    with pytest.raises(SharedMemoryError, match="not a Tollgate shared-memory store"):
+        SharedMemoryStore.open(path)
+    path.write_bytes(b"")
+    with pytest.raises(SharedMemoryError, match="not a Tollgate shared-memory store"):
+        SharedMemoryStore.open(path)
+    with pytest.raises(FileNotFoundError):
+        SharedMemoryStore.open(path.with_name("missing.shm"))
+
+
+def test_a_truncated_or_damaged_store_is_refused(path: Path) -> None:
+    SharedMemoryStore.create(path, 256).close()
+    size = path.stat().st_size
+    os.truncate(path, size - 64)
+    with pytest.raises(SharedMemoryError, match="header says"):
+        SharedMemoryStore.open(path)
+    os.truncate(path, size)
+    with open(path, "r+b") as file:
+        file.seek(20)
+        file.write(b"\xff")
+    with pytest.raises(SharedMemoryError, match="damaged"):
+        SharedMemoryStore.open(path)
+
+
+def test_a_closed_store_says_so(path: Path) -> None:
+    store = SharedMemoryStore.create(path, 64)
+    store.close()
+    store.close()
+    assert repr(store).endswith("closed)")
+    with pytest.raises(SharedMemoryError, match="closed"):
+        store.hit([("acme", FixedWindow(1, 60))], NOW, 1)
+
+
+# -- torn records ----------------------------------------------------------------------------
+
+
+def changed_record(before: bytes, after: bytes) -> slice:
+    """The 64-byte record a write changed, from the file's bytes before and after it."""
+    first = next(i for i, (x, y) in enumerate(zip(before, after, strict=True)) if x != y)
+    start = first - first % 64
+    return slice(start, start + 64)
+
+
+def test_a_torn_record_counts_as_empty(path: Path) -> None:
+    window = FixedWindow(3, 60)
+    with SharedMemoryStore.create(path, 64) as store:
+        empty = path.read_bytes()
+        store.hit([("acme", window)], NOW, 1)
+        one = path.read_bytes()
+        store.hit([("acme", window)], NOW, 1)
+        two = path.read_bytes()
+        record = changed_record(empty, one)
+        assert changed_record(one, two) == record
+
+        # A writer that died partway through its write: the new state, the old checksum.
+        torn = two[record.start : record.start + 48] + one[record.start + 48 : record.stop]
+        assert torn not in (one[record], two[record])
+        with open(path, "r+b") as file:
+            file.seek(record.start)
+            file.write(torn)
+        assert store.peek("acme", window, NOW).remaining == 2  # afresh, less the peek
+        assert store.hit([("acme", window)], NOW, 1).decision.remaining == 2
+
+
+def test_garbage_everywhere_past_the_header_is_survived(path: Path) -> None:
+    bucket = TokenBucket(rate=1, burst=3)
+    with SharedMemoryStore.create(path, 128) as store:
+        with open(path, "r+b") as file:
+            file.seek(HEADER_SIZE)
+            file.write(random.Random(7).randbytes(path.stat().st_size - HEADER_SIZE))
+        for key in [f"client-{n}" for n in range(200)]:
+            assert store.hit([(key, bucket)], NOW, 2).decision.remaining == 1
+        # Torn records and counters were reused and restarted; then each stripe of 64 evicted
+        # one record per key past its 64th (both stripes get over 64 of 200 keys but for a
+        # chance of about 1 in 5 million).
+        assert (store.used(), store.evictions()) == (128, 200 - 128)
+
+
+# -- several processes -----------------------------------------------------------------------
+
+
+def hit_many_times(
+    path: Path,
+    limits: list[tuple[str, RateAlgorithm[Any]]],
+    times: int,
+    start: Any,
+    admitted: Any,
+) -> None:
+    shuffled = random.Random(os.getpid()).sample(limits, len(limits))
+    with SharedMemoryStore.open(path) as store:
+        start.wait()
+        count = sum(store.hit(shuffled, NOW, 1).decision.allowed for _ in range(times))
+    admitted.put(count)
+
+
+def admitted_across_processes(
+    path: Path, limits: list[tuple[str, RateAlgorithm[Any]]], processes: int, times: int
+) -> int:
+    """Requests admitted when `processes` processes each make `times` requests at once."""
+    SharedMemoryStore.create(path, 1024).close()
+    start = FORK.Barrier(processes)
+    admitted = FORK.Queue()
+    workers = [
+        FORK.Process(target=hit_many_times, args=(path, limits, times, start, admitted))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        total = sum(int(admitted.get(timeout=PROCESS_TIMEOUT)) for _ in workers)
+    finally:
+        for worker in workers:
+            worker.join(PROCESS_TIMEOUT if worker.exitcode is None else 0)
+            worker.kill()  # a wedged worker must not outlive the test
+    assert [worker.exitcode for worker in workers] == [0] * processes
+    return total
+
+
+@pytest.mark.parametrize(
+    "algorithm", [FixedWindow(100, 60), TokenBucket(rate=0.001, burst=100)], ids=repr
+)
+def test_four_processes_admit_exactly_the_limit_between_them(
+    path: Path, algorithm: RateAlgorithm[Any]
+) -> None:
+    assert admitted_across_processes(path, [("acme", algorithm)], 4, 500) == 100
+
+
+def test_requests_locking_several_stripes_in_any_order_never_deadlock(path: Path) -> None:
+    # Each process lists the eight limits in its own order; locks are taken in stripe order.
+    limits: list[tuple[str, RateAlgorithm[Any]]] = [
+        (f"acme|{n}", FixedWindow(100, 60)) for n in range(8)
+    ]
+    assert admitted_across_processes(path, limits, 4, 300) == 100
+
+
+class BlockingWindow(FixedWindow):
+    """A fixed window whose decision never returns: its caller stays inside the stripe lock."""
+
+    def __init__(self, inside: Event) -> None:
+        super().__init__(10, 60)
+        self.inside = inside
+
+    def decide(
+        self, state: WindowCount | None, now: float, cost: int = 1
+    ) -> tuple[Decision, WindowCount | None]:
+        self.inside.set()
+        threading.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def block_inside_the_lock(path: Path, inside: Event) -> None:
+    with SharedMemoryStore.open(path) as store:
+        store.hit([("acme", BlockingWindow(inside))], NOW, 1)
+
+
+def test_a_worker_killed_inside_a_lock_does_not_wedge_the_others(path: Path) -> None:
+    window = FixedWindow(10, 60)
+    with SharedMemoryStore.create(path, 64) as store:
+        inside = FORK.Event()
+        holder = FORK.Process(target=block_inside_the_lock, args=(path, inside))
+        holder.start()
+        assert inside.wait(PROCESS_TIMEOUT)
+
+        # The stripe really is held: a hit on the same key waits...
+        results: list[bool] = []
+        waiter = threading.Thread(
+            target=lambda: results.append(store.hit([("acme", window)], NOW, 1).decision.allowed)
+        )
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()
+
+        # ...until the kernel drops the dead holder's lock.
+        assert holder.pid is not None
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(PROCESS_TIMEOUT)
+        waiter.join(PROCESS_TIMEOUT)
+        assert results == [True]
+        assert store.hit([("acme", window)], NOW, 1).decision.remaining == 8
+
+
+def use_an_inherited_store(store: SharedMemoryStore, errors: Any) -> None:
+    try:
+        store.hit([("acme", FixedWindow(1, 60))], NOW, 1)
+    except SharedMemoryError as error:
+        errors.put(str(error))
+    else:
+        errors.put("")
+
+
+def test_a_store_inherited_across_fork_refuses_to_work(store: SharedMemoryStore) -> None:
+    errors = FORK.Queue()
+    child = FORK.Process(target=use_an_inherited_store, args=(store, errors))
+    child.start()
+    assert "open it again in the child" in errors.get(timeout=PROCESS_TIMEOUT)
+    child.join(PROCESS_TIMEOUT)
+    # The parent's store is still its own.
+    assert store.hit([("acme", FixedWindow(1, 60))], NOW, 1).decision.allowed
+
+
+def test_an_error_inside_a_hit_leaves_the_stripe_unlocked(path: Path) -> None:
+    window = FixedWindow(1, 60)
+    with SharedMemoryStore.create(path, 64) as store, SharedMemoryStore.open(path) as other:
+        with pytest.raises(ValueError, match="cost"):
+            store.hit([("acme", window)], NOW, 0)
+        # Another open file (as another worker would be) takes the same stripe's lock.
+        results: list[bool] = []
+        waiter = threading.Thread(
+            target=lambda: results.append(other.hit([("acme", window)], NOW, 1).decision.allowed)
+        )
+        waiter.start()
+        waiter.join(PROCESS_TIMEOUT)
+        assert results == [True]
+        assert math.isinf(store.hit([("acme", window)], NOW, 2).decision.retry_after)
+
+
+def test_the_repr_shows_the_table(store: SharedMemoryStore) -> None:
+    store.hit([("acme", TokenBucket(rate=1, burst=1))], NOW, 1)
+    assert repr(store) == (
+        f"SharedMemoryStore({str(store.path)!r}, capacity=1024, used=1, evictions=0, locking=True)"
+    )
