@@ -6,7 +6,7 @@ microseconds per request. What it leaves out is the event loop and the four syst
 every proxied request costs (read, write upstream, read upstream, write): that part is the
 same for any design, so this number is the one to drive down.
 
-    python bench/hotpath.py [--keyauth] [--post] [-n 100000] [--profile]
+    python bench/hotpath.py [--keyauth] [--ratelimit] [--post] [-n 100000] [--profile]
 """
 
 from __future__ import annotations
@@ -66,8 +66,23 @@ class FakeTransport:
         return False
 
 
-def build(keyauth: bool) -> tuple[ClientConnection, FakeTransport, FakeTransport]:
-    policies = [{"key-auth": {}}] if keyauth else []
+RATE_LIMIT = {
+    "rate-limit": {
+        "limits": [
+            {"name": "per-minute", "algorithm": "sliding-window", "limit": 10**9, "window": "60s"}
+        ],
+        "by": "consumer",
+        "store": "process",
+    }
+}
+
+
+def build(
+    keyauth: bool, ratelimit: bool = False
+) -> tuple[ClientConnection, FakeTransport, FakeTransport]:
+    policies: list[dict[str, Any]] = [{"key-auth": {}}] if keyauth else []
+    if ratelimit:
+        policies.append(RATE_LIMIT)
     config = parse_config_data(
         {
             "upstreams": [{"name": "mock", "targets": [{"url": "http://127.0.0.1:18181"}]}],
@@ -100,8 +115,8 @@ def build(keyauth: bool) -> tuple[ClientConnection, FakeTransport, FakeTransport
     return client, client_transport, upstream_transport
 
 
-def run(n: int, keyauth: bool, post: bool) -> float:
-    client, client_transport, _ = build(keyauth)
+def run(n: int, keyauth: bool, post: bool, ratelimit: bool = False) -> float:
+    client, client_transport, _ = build(keyauth, ratelimit)
     request = POST if post else GET
     pool = client.state.runtime.upstreams["mock"].targets[0].pool
     upstream = pool.acquire_idle()
@@ -120,15 +135,16 @@ def run(n: int, keyauth: bool, post: bool) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    run(2000, args.keyauth, args.post)
+    run(2000, args.keyauth, args.post, args.ratelimit)
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        run(args.n, args.keyauth, args.post)
+        run(args.n, args.keyauth, args.post, args.ratelimit)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
-    best = min(run(args.n, args.keyauth, args.post) for _ in range(3))
+    best = min(run(args.n, args.keyauth, args.post, args.ratelimit) for _ in range(3))
     kind = ("POST 1 KiB" if args.post else "GET") + (" + key-auth" if args.keyauth else "")
+    kind += " + rate-limit" if args.ratelimit else ""
     print(f"{kind}: {best:.2f} us per proxied request (gateway code only, best of 3)")
 
 
@@ -137,5 +153,6 @@ if __name__ == "__main__":
     parser.add_argument("-n", type=int, default=100_000)
     parser.add_argument("--keyauth", action="store_true")
     parser.add_argument("--post", action="store_true")
+    parser.add_argument("--ratelimit", action="store_true", help="add one sliding-window limit")
     parser.add_argument("--profile", action="store_true")
     asyncio.run(main(parser.parse_args()))
