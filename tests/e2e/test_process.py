@@ -31,6 +31,10 @@ RELOADS = 10
 SLOW_CALLS = 100
 SLOW_CALL_MS = 3_000  # long enough to send them all, signal, and see the listener close
 DRAIN_TIMEOUT = 15.0
+NODE_LIMIT = 100
+BURST_REQUESTS = 1_000
+BURST_CONNECTIONS = 100  # enough that the kernel hands connections to both workers
+BURST_MARGIN = 15.0  # seconds a burst of BURST_REQUESTS surely takes less than
 
 Json = dict[str, Any]
 
@@ -439,3 +443,53 @@ async def test_json_log_format_writes_one_json_object_per_stderr_line(
     assert all({"ts", "level", "logger", "pid", "msg"} <= entry.keys() for entry in entries)
     assert gateway.pid in {entry["pid"] for entry in entries}
     assert any("\n" in entry["msg"] for entry in entries)
+
+
+# -- 10. node-wide rate limit ----------------------------------------------------------------
+
+
+def _mapped_store(pid: int) -> Path:
+    """The shared-memory store file that process `pid` maps."""
+    paths = {
+        line.split(maxsplit=5)[-1]
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+        if line.endswith("/ratelimit.shm")
+    }
+    assert len(paths) == 1, paths
+    return Path(paths.pop())
+
+
+async def test_two_workers_share_one_count_and_admit_exactly_the_limit(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    config = upstream.config(workers=2)
+    per_minute = {"algorithm": "fixed-window", "limit": NODE_LIMIT, "window": "1m"}
+    config["services"][0]["policies"] = [
+        {"rate-limit": {"limits": [per_minute], "by": "global"}}  # store: local, the default
+    ]
+    gateway = await start_gateway(config)
+    # The window is aligned to the wall clock's minutes: keep the burst inside one of them.
+    left_in_minute = 60 - time.time() % 60
+    if left_in_minute < BURST_MARGIN:
+        await asyncio.sleep(left_in_minute)
+
+    connector = aiohttp.TCPConnector(limit=BURST_CONNECTIONS)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def call() -> tuple[int, str]:
+            async with session.get(gateway.url("/echo")) as reply:
+                await reply.read()
+                return reply.status, reply.headers["X-Request-Id"][:REQUEST_ID_PREFIX]
+
+        answers = await asyncio.gather(*(call() for _ in range(BURST_REQUESTS)))
+
+    statuses = [status for status, _ in answers]
+    assert statuses.count(200) == NODE_LIMIT
+    assert statuses.count(429) == BURST_REQUESTS - NODE_LIMIT
+    assert len({prefix for _, prefix in answers}) == 2, "both workers served"
+    stores = {_mapped_store(pid) for pid in await gateway.worker_pids()}
+    assert len(stores) == 1, stores
+    gateway.send_signal(signal.SIGTERM)
+    assert await gateway.wait_exit() == 0
+    assert not stores.pop().parent.exists(), "the supervisor left its shared state behind"

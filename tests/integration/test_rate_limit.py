@@ -24,7 +24,6 @@ from upstreams import SlowUpstream
 from tollgate.clock import FakeClock
 from tollgate.config.loader import parse_config_data
 from tollgate.errors import ConfigError
-from tollgate.ratelimit.store import process_store
 from tollgate.runtime.worker import Gateway
 
 PER_MINUTE = {"name": "per-minute", "algorithm": "fixed-window", "limit": 6, "window": "1m"}
@@ -142,12 +141,36 @@ def test_a_token_bucket_without_a_rate_is_a_located_config_error() -> None:
     assert problem.message == "token-bucket needs `rate` (units per second)"
 
 
-def test_the_node_wide_and_redis_stores_are_refused_until_they_exist() -> None:
-    for store, missing in (("local", "shared-memory store"), ("redis", "Redis store")):
-        data = config("http://127.0.0.1:9", {"limits": [PER_MINUTE], "store": store})
-        with pytest.raises(ConfigError) as info:
-            parse_config_data(data)
-        assert missing in info.value.problems[0].message
+def test_the_redis_store_is_refused_until_it_exists() -> None:
+    data = config("http://127.0.0.1:9", {"limits": [PER_MINUTE], "store": "redis"})
+    with pytest.raises(ConfigError) as info:
+        parse_config_data(data)
+    assert "Redis store" in info.value.problems[0].message
+
+
+def test_the_node_wide_store_refuses_the_sliding_window_log_at_its_path() -> None:
+    log = {"name": "exact", "algorithm": "sliding-window-log", "limit": 5, "window": "1s"}
+    data = config("http://127.0.0.1:9", {"limits": [PER_MINUTE, log]})  # local by default
+    with pytest.raises(ConfigError) as info:
+        parse_config_data(data)
+    [problem] = info.value.problems
+    assert problem.path == "services[0].policies[0].rate-limit"
+    assert problem.message.startswith("limits[1] ('exact') cannot be kept by `store: local`")
+    assert "'sliding-window'" in problem.message
+    assert problem.message.endswith("`store: process`")
+    parse_config_data(config("http://127.0.0.1:9", {"limits": [log], "store": "process"}))
+
+
+def test_the_node_wide_store_refuses_a_plans_sliding_window_log_when_compiled() -> None:
+    log = {"name": "exact", "algorithm": "sliding-window-log", "limit": 5, "window": "1s"}
+    data = config(
+        "http://127.0.0.1:9",
+        {"plans": True},
+        consumers=[{"name": "acme", "plan": "gold"}],
+        plans={"gold": {"rate-limit": {"limits": [log]}}},
+    )
+    with pytest.raises(ValueError, match="plan 'gold': limits\\[0\\] \\('exact'\\) cannot"):
+        Gateway(parse_config_data(data), clock=FakeClock())
 
 
 def test_a_consumer_naming_an_unknown_plan_is_a_config_error() -> None:
@@ -173,10 +196,17 @@ def test_plans_true_without_any_plans_fails_to_compile() -> None:
 # -- counting and headers -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("store", ["local", "process"])
 async def test_six_a_minute_admits_six_and_refuses_the_seventh(
-    upstream: RecordingUpstream, start: Starter, http: aiohttp.ClientSession, clock: FakeClock
+    upstream: RecordingUpstream,
+    start: Starter,
+    http: aiohttp.ClientSession,
+    clock: FakeClock,
+    store: str,
 ) -> None:
-    gateway = await start(config(upstream.url, {"limits": [PER_MINUTE], "by": "ip"}))
+    gateway = await start(
+        config(upstream.url, {"limits": [PER_MINUTE], "by": "ip", "store": store})
+    )
     replies = [await get(http, gateway) for _ in range(7)]
 
     assert [reply.status for reply in replies] == [200] * 6 + [429]
@@ -412,43 +442,43 @@ async def test_a_concurrency_slot_is_released_after_the_response(
 
 
 async def test_a_concurrency_slot_is_released_at_once_when_the_client_resets(
-    start: Starter, http: aiohttp.ClientSession, clock: FakeClock
+    start: Starter, http: aiohttp.ClientSession
 ) -> None:
     hold = asyncio.Event()
     async with SlowUpstream(hold=hold) as slow:
         gateway = await start(config(slow.url, {"limits": [CONCURRENCY]}))
-        store = process_store(clock)
+        store = gateway.shared_state.store()
         client = await RawClient.open(gateway.port)
         await client.send(request("GET", "/"))
         await slow.request_seen.wait()
-        assert len(store) == 1
+        assert store.used() == 1
         assert (await get(http, gateway)).status == 429
 
         client.writer.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET
         )
         client.writer.transport.abort()
-        await eventually(lambda: len(store) == 0)  # the upstream still holds the request
+        await eventually(lambda: store.used() == 0)  # the upstream still holds the request
         assert len(slow.requests) == 1
         hold.set()
         assert (await get(http, gateway)).status == 200
 
 
 async def test_a_concurrency_slot_is_released_when_a_closed_clients_exchange_ends(
-    start: Starter, http: aiohttp.ClientSession, clock: FakeClock
+    start: Starter, http: aiohttp.ClientSession
 ) -> None:
     # A client that closes (FIN) may only have half-closed and still read the answer, so the
     # exchange, and its slot, last until the upstream has answered.
     hold = asyncio.Event()
     async with SlowUpstream(hold=hold) as slow:
         gateway = await start(config(slow.url, {"limits": [CONCURRENCY]}))
-        store = process_store(clock)
+        store = gateway.shared_state.store()
         client = await RawClient.open(gateway.port)
         await client.send(request("GET", "/"))
         await slow.request_seen.wait()
         await client.close()
         await asyncio.sleep(0.02)
-        assert len(store) == 1
+        assert store.used() == 1
         hold.set()
-        await eventually(lambda: len(store) == 0)
+        await eventually(lambda: store.used() == 0)
         assert (await get(http, gateway)).status == 200

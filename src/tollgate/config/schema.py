@@ -24,6 +24,7 @@ from tollgate.config.base import Model
 from tollgate.config.units import Duration, Size
 from tollgate.policies import registry
 from tollgate.policies.rate_limit import PlanRateLimitConfig
+from tollgate.ratelimit.shm import MAX_CAPACITY
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -64,6 +65,17 @@ def _check_listen(value: str) -> str:
     return value
 
 
+class SharedStateSettings(Model):
+    """The node-wide state every worker of a node maps (the `store: local` rate-limit counters)."""
+
+    capacity: int = Field(
+        100_000,
+        ge=1,
+        le=MAX_CAPACITY,
+        description="Records (64 bytes each) of the shared table: twice the keys live at once.",
+    )
+
+
 class GatewaySettings(Model):
     listen: str = Field("127.0.0.1:8080", description="host:port of the data plane.")
     workers: int | Literal["auto"] = Field(
@@ -74,6 +86,7 @@ class GatewaySettings(Model):
     drain_timeout: Duration = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    shared_state: SharedStateSettings = Field(default_factory=SharedStateSettings)
 
     _listen = field_validator("listen")(_check_listen)
 

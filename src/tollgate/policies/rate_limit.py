@@ -4,7 +4,9 @@ Each limit is one of the algorithms of `tollgate.ratelimit.algorithms`, chosen b
 own settings. A request is counted under a key (`by`: consumer, ip, header... see
 `tollgate.ratelimit.keys`) prefixed with the policy's place (service/route) and each limit's
 name and settings, so two policies never share counters while a reload that keeps a limit
-keeps its counters. The store (`tollgate.ratelimit.store`) decides on all the limits at once.
+keeps its counters. The store decides on all the limits at once: `local` (the default) is the
+node's shared-memory store (`tollgate.ratelimit.shm`), one count for every worker of the node;
+`process` is a dict per worker (`tollgate.ratelimit.store`).
 
 With `plans: true`, a consumer whose plan (top-level `plans`) has a `rate-limit` section is
 limited by the plan's limits instead of the policy's own.
@@ -42,6 +44,7 @@ from tollgate.ratelimit.headers import (
     retry_after_seconds,
 )
 from tollgate.ratelimit.keys import KeyBuilder, TrustedProxies, check_key_spec, parse_networks
+from tollgate.ratelimit.shm import SharedMemoryStore
 from tollgate.ratelimit.store import Limit, Store, process_store
 from tollgate.runtime.context import CompileContext
 
@@ -208,6 +211,18 @@ class LimitSpec(Model):
         return float(value)
 
 
+def check_local_store(limits: Sequence[LimitSpec]) -> None:
+    """ValueError if the node-wide store (`store: local`) cannot hold one of these limits."""
+    for index, spec in enumerate(limits):
+        try:
+            SharedMemoryStore.check_algorithm(spec.build())
+        except ValueError as exc:
+            raise ValueError(
+                f"limits[{index}] ({spec.name!r}) cannot be kept by `store: local`: {exc}; "
+                "or keep it per worker with `store: process`"
+            ) from None
+
+
 def check_limits(limits: Sequence[LimitSpec], cost: int | None = None) -> None:
     """ValueError if two limits share a name, or if `cost` can never fit one of them."""
     seen: set[str] = set()
@@ -259,8 +274,10 @@ class RateLimitConfig(Model):
     )
     status: int = Field(429, ge=400, le=599, description="Status of a refused request.")
     headers: bool = Field(True, description="Send RateLimit-Policy, RateLimit, X-RateLimit-*.")
-    store: Literal["process", "local", "redis"] = Field(
-        "process", description="Where counters live: process (each worker counts on its own)."
+    store: Literal["local", "process", "redis"] = Field(
+        "local",
+        description="Where counters live: local (one count for every worker of the node) or "
+        "process (each worker counts on its own).",
     )
 
     @field_validator("by")
@@ -284,15 +301,10 @@ class RateLimitConfig(Model):
     @field_validator("store")
     @classmethod
     def _store(cls, value: str) -> str:
-        if value == "local":
-            raise ValueError(
-                "store `local` (counters shared by the workers of a node) needs the "
-                "shared-memory store, which this version does not have yet; use `process`"
-            )
         if value == "redis":
             raise ValueError(
                 "store `redis` (counters shared by every node) needs the Redis store and "
-                "`cluster.redis`, which this version does not have yet; use `process`"
+                "`cluster.redis`, which this version does not have yet; use `local` or `process`"
             )
         return value
 
@@ -305,6 +317,8 @@ class RateLimitConfig(Model):
                 )
         else:
             check_limits(self.limits, self.cost)
+            if self.store == "local":
+                check_local_store(self.limits)
         return self
 
 
@@ -353,7 +367,7 @@ class RateLimit(Policy):
     def __init__(self, config: RateLimitConfig, context: CompileContext) -> None:
         super().__init__(config, context)
         self._clock = context.clock
-        self._store: Store = process_store(context.clock)
+        self._store = self._pick_store(config, context)
         self._key = KeyBuilder(
             [config.by] if isinstance(config.by, str) else config.by,
             service=context.service,
@@ -374,12 +388,22 @@ class RateLimit(Policy):
                     continue
                 try:
                     check_limits(plan.rate_limit.limits, config.cost)
+                    if config.store == "local":
+                        check_local_store(plan.rate_limit.limits)
                 except ValueError as exc:
                     raise ValueError(f"rate-limit with plan {plan_name!r}: {exc}") from None
                 self._by_plan[plan_name] = CompiledLimits(plan.rate_limit.limits, scope)
         self._cost = config.cost
         self._status = config.status
         self._headers = config.headers
+
+    @staticmethod
+    def _pick_store(config: RateLimitConfig, context: CompileContext) -> Store:
+        if config.store == "process":
+            return process_store(context.clock)
+        if context.shared_store is None:
+            raise ValueError("rate-limit has `store: local` but nothing provides the node's store")
+        return context.shared_store()
 
     def access(self, ex: Exchange) -> GatewayResponse | Awaitable[None] | None:
         limits = self._own

@@ -7,8 +7,9 @@ can see or change those keys, so two requests never both take the last unit.
 
 `ProcessStore` is exact for one worker process: it is a plain dict, and the event loop runs
 one `hit` at a time. With several workers each one counts on its own, so a node admits up to
-`workers` times a limit. A node-wide store (shared memory, every worker of a node) and a
-Redis store (every node) follow with the same protocol.
+`workers` times a limit. `tollgate.ratelimit.shm.SharedMemoryStore` is the node-wide store
+(every worker of a node, through shared memory); a Redis store (every node) will follow with
+the same protocol.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""What a policy may see while it is compiled: the consumers, the clock, where it sits."""
+"""What a policy may see while it is compiled: the consumers, the clock, where it sits, and
+the node's shared store."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ from tollgate.clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
     from tollgate.config.schema import Consumer, Plan
+    from tollgate.ratelimit.store import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +81,6 @@ class CompileContext:
     service: str = ""
     route: str = ""
     plans: Mapping[str, Plan] = field(default_factory=dict)
+    # The store every worker of the node shares (`store: local`), opened on first call; None
+    # where nothing provides one.
+    shared_store: Callable[[], Store] | None = None

@@ -20,6 +20,7 @@ from tollgate.errors import ConfigError, ConfigProblem
 from tollgate.http.headers import REQUEST_DROP
 from tollgate.http.upstream import Pool
 from tollgate.policies.base import Policy, registry
+from tollgate.ratelimit.store import ProcessStore, Store
 from tollgate.routing.router import Router, RouteSpec
 from tollgate.runtime.context import CompileContext, ConsumerEntry, ConsumerIndex
 from tollgate.upstream.balancers import Balancer, create_balancer
@@ -224,6 +225,7 @@ def _compile_route(
     group: UpstreamGroup,
     consumers: ConsumerIndex,
     clock: Clock,
+    shared_store: Callable[[], Store] | None,
 ) -> CompiledRoute:
     context = CompileContext(
         consumers=consumers,
@@ -231,6 +233,7 @@ def _compile_route(
         service=service.name,
         route=route.name,
         plans=config.plans,
+        shared_store=shared_store,
     )
     policies = _effective_policies(config, service, route, context)
     drop = set(REQUEST_DROP)
@@ -271,16 +274,25 @@ def check_compiles(config: Config, source: str) -> None:
     """Raise ConfigError if the config passes validation but cannot be compiled (a route the
     router refuses, an unknown anonymous consumer...): `check` and `serve` report it up front."""
     try:
-        compile_config(config, PoolRegistry())
+        # The runtime is thrown away: a store of its own stands in for the node's.
+        compile_config(config, PoolRegistry(), shared_store=ProcessStore)
     except ValueError as exc:
         raise ConfigError([ConfigProblem(source, "", str(exc))]) from None
 
 
 def compile_config(
-    config: Config, pools: PoolRegistry, *, version: int = 1, clock: Clock = SYSTEM_CLOCK
+    config: Config,
+    pools: PoolRegistry,
+    *,
+    version: int = 1,
+    clock: Clock = SYSTEM_CLOCK,
+    shared_store: Callable[[], Store] | None = None,
 ) -> Runtime:
     """Build a Runtime. Raises ValueError (with the route named) for what validation could not
-    catch, such as a route the router cannot compile; the caller keeps the old runtime then."""
+    catch, such as a route the router cannot compile; the caller keeps the old runtime then.
+
+    `shared_store` gives the node's store to policies that count node-wide (`store: local`);
+    without it such a policy fails to compile."""
     consumers = ConsumerIndex.build(config.consumers)
     pools.begin()
     groups = {u.name: _upstream_group(u, pools, clock) for u in config.upstreams}
@@ -291,7 +303,9 @@ def compile_config(
         for route_index, route in enumerate(service.routes):
             where = f"services[{service_index}].routes[{route_index}] ({service.name}/{route.name})"
             try:
-                compiled = _compile_route(config, service, route, group, consumers, clock)
+                compiled = _compile_route(
+                    config, service, route, group, consumers, clock, shared_store
+                )
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
             routes.append(compiled)

@@ -22,6 +22,7 @@ from typing import Any
 from tollgate.config.schema import Config
 from tollgate.errors import ConfigError
 from tollgate.runtime.runtime import check_compiles
+from tollgate.runtime.shared_state import NodeStateFile
 from tollgate.runtime.worker import encode_message, read_message
 
 log = logging.getLogger("tollgate.supervisor")
@@ -87,6 +88,7 @@ class Supervisor:
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.admin: Any = None
+        self.shared_state: NodeStateFile | None = None  # made by run(), before any worker
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -108,6 +110,7 @@ class Supervisor:
         handle.started_at = time.monotonic()
         replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         handle.replies = replies
+        assert self.shared_state is not None
         handle.writer.write(
             encode_message(
                 {
@@ -115,6 +118,9 @@ class Supervisor:
                     "config": self.data,
                     "version": self.version,
                     "source": self.config_path,
+                    "shared_state": str(self.shared_state.path),
+                    # Counted from the slots, not the config: a reload never changes it.
+                    "workers": len(self.workers),
                 }
             )
         )
@@ -181,6 +187,8 @@ class Supervisor:
                 config
             ) != worker_count(self.config):
                 log.warning("gateway.listen and gateway.workers change only on restart")
+            if config.gateway.shared_state != self.config.gateway.shared_state:
+                log.warning("gateway.shared_state changes only on restart")
             version = self.version + 1
             message = encode_message(
                 {"type": "reload", "config": data, "version": version, "source": self.config_path}
@@ -218,12 +226,23 @@ class Supervisor:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            if self.shared_state is not None:
+                self.shared_state.remove()
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         count = worker_count(self.config)
         try:
-            for slot in range(count):
-                handle = WorkerHandle(slot)
-                self.workers.append(handle)
+            self.shared_state = NodeStateFile.create(self.config.gateway.shared_state.capacity)
+        except OSError as exc:
+            log.error("cannot make the node's shared state: %s", exc.strerror or exc)
+            return EXIT_CANNOT_START
+        self.workers = [WorkerHandle(slot) for slot in range(count)]
+        try:
+            for handle in self.workers:
                 await self._spawn(handle)
         except Exception as exc:
             log.error("%s", exc)

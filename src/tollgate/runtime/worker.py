@@ -27,6 +27,7 @@ from tollgate.config.schema import Config
 from tollgate.http.ids import reseed
 from tollgate.http.server import ClientConnection
 from tollgate.runtime.runtime import PoolRegistry, Runtime, compile_config
+from tollgate.runtime.shared_state import SharedState
 
 log = logging.getLogger("tollgate.worker")
 
@@ -34,6 +35,8 @@ log = logging.getLogger("tollgate.worker")
 # fraction of the shortest configured timeout, so none fires later than ~25% past its time.
 SWEEP_MIN = 0.05
 SWEEP_MAX = 1.0
+# How long cancelled request tasks get to finish their cleanup when the gateway closes.
+CLOSE_TASKS_TIMEOUT = 1.0
 
 
 def _sweep_interval(config: Config) -> float:
@@ -113,11 +116,22 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
 class Gateway:
     """The data plane of one worker: listener, runtime, reload and drain."""
 
-    def __init__(self, config: Config, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        shared_state: SharedState | None = None,
+    ) -> None:
         self.pools = PoolRegistry()
         self.version = 1
         self.clock = clock  # what policies decide on (rate limits); tests pass a FakeClock
-        runtime = compile_config(config, self.pools, version=self.version, clock=clock)
+        # The node's store (`store: local`). In-process, with no supervisor to make one, the
+        # gateway makes its own when a policy first asks for it; either way it closes it.
+        self.shared_state = shared_state or SharedState(
+            None, capacity=config.gateway.shared_state.capacity, locking=False
+        )
+        runtime = self._compile(config, self.version)
         self.state = WorkerState(runtime, self.pools)
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -146,12 +160,21 @@ class Gateway:
 
     def reload(self, config: Config) -> Runtime:
         """Compile and swap. On error the exception propagates and the old runtime stays."""
-        runtime = compile_config(config, self.pools, version=self.version + 1, clock=self.clock)
+        runtime = self._compile(config, self.version + 1)
         self.version += 1
         self.state.runtime = runtime
         self.pools.prune()  # targets gone from the config: their idle connections close now
         self._sweep_every = _sweep_interval(config)
         return runtime
+
+    def _compile(self, config: Config, version: int) -> Runtime:
+        return compile_config(
+            config,
+            self.pools,
+            version=version,
+            clock=self.clock,
+            shared_store=self.shared_state.store,
+        )
 
     async def _sweep(self) -> None:
         while True:
@@ -185,8 +208,13 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.pools.close()
-        for task in list(self.state.tasks):
+        tasks = list(self.state.tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            # Their cleanup (a concurrency slot's release) still uses the store closed below.
+            await asyncio.wait(tasks, timeout=CLOSE_TASKS_TIMEOUT)
+        self.shared_state.close()
 
     def __repr__(self) -> str:
         return f"Gateway(version={self.version}, {self.state!r})"
@@ -222,7 +250,13 @@ async def _worker_main(control_fd: int) -> int:
     if first is None or first.get("type") != "start":
         return 3
     config = parse_config_data(first["config"], first.get("source", "<config>"))
-    gateway = Gateway(config)
+    # The supervisor's file, locked unless this is the node's only worker.
+    shared_state = SharedState(
+        first["shared_state"],
+        capacity=config.gateway.shared_state.capacity,
+        locking=int(first["workers"]) > 1,
+    )
+    gateway = Gateway(config, shared_state=shared_state)
     gateway.version = int(first.get("version", 1))
     try:
         await gateway.start(reuse_port=True)
