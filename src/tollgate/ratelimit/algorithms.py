@@ -21,6 +21,7 @@ evaluates several limits on one request. See docs/rate-limiting.md for the trade
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
@@ -147,7 +148,7 @@ class WindowCount(NamedTuple):
     spent: int
 
 
-class _PeriodCounter:
+class _PeriodCounter(ABC):
     """Counts cost per period and admits while it stays within `limit`.
 
     Subclasses say where periods begin and end. If the wall clock steps back into an earlier
@@ -160,11 +161,13 @@ class _PeriodCounter:
         _check_limit("limit", limit)
         self.limit = limit
 
+    @abstractmethod
     def _period_start(self, now: float) -> float:
-        raise NotImplementedError
+        """Wall time at which the period holding `now` began."""
 
+    @abstractmethod
     def _period_end(self, start: float) -> float:
-        raise NotImplementedError
+        """Wall time at which the period that began at `start` ends."""
 
     def _is_later_period(self, now: float, start: float) -> bool:
         return self._period_start(now) > start
