@@ -1,4 +1,4 @@
-# key-auth + one sliding-window limit high enough never to reject, counted per worker process.
+# key-auth + one sliding-window limit high enough never to reject, in the node-wide store.
 version: 1
 gateway: {listen: "127.0.0.1:@PORT@", workers: 1}
 admin: {listen: null}
@@ -17,6 +17,6 @@ services:
       - rate-limit:
           limits: [{name: per-minute, algorithm: sliding-window, limit: 100000000, window: 60s}]
           by: consumer
-          store: process
+          store: local
 consumers:
   - {name: bench, keys: ["@MASTER_KEY@"]}
