@@ -71,10 +71,6 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes, bytes]] = []
         self.header_map: dict[bytes, bytes] = {}
 
-    def header(self, lower_name: bytes) -> bytes | None:
-        """The first value of a header (name given lower-case), or None."""
-        return self.header_map.get(lower_name)
-
     def add_upstream_headers(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
         """Headers to send upstream in addition to the client's."""
         self.upstream_headers = [*self.upstream_headers, *pairs]

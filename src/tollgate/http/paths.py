@@ -54,7 +54,3 @@ def normalize_path(path: str) -> str:
         else:
             output.append(segment)
     return "/" + "/".join(output)
-
-
-def needs_normalizing(path: str) -> bool:
-    return "%" in path or "/." in path or "//" in path

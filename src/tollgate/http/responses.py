@@ -11,8 +11,6 @@ from typing import Final
 
 import orjson
 
-from tollgate.errors import TollgateError
-
 # Statuses after which the client connection cannot be trusted to be in sync (the request
 # body may be unread or the framing broken), so the gateway closes it.
 CLOSE_AFTER: Final = frozenset({400, 408, 413, 431})
@@ -92,7 +90,3 @@ def error_response(
     if status in RETRY_AFTER_STATUSES or retry_after is not None:
         hdrs.append((b"Retry-After", str(max(1, retry_after or 1)).encode()))
     return GatewayResponse(status, body, hdrs, error_type=error_type)
-
-
-def from_error(exc: TollgateError, request_id: str = "") -> GatewayResponse:
-    return error_response(exc.status, exc.error_type, exc.message, request_id)

@@ -20,18 +20,14 @@ iterates over tuples of bound methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from tollgate.config.base import Model
 
 if TYPE_CHECKING:
-    from tollgate.http.exchange import Exchange
     from tollgate.runtime.context import CompileContext
 
 PHASES = ("access", "upstream_response", "body", "log")
-
-AccessResult = "GatewayResponse | None | Awaitable[GatewayResponse | None]"
 
 
 class Policy:
@@ -69,6 +65,3 @@ def register(cls: P) -> P:
 def registry() -> dict[str, type[Policy]]:
     """Every registered policy by name (a copy)."""
     return dict(_REGISTRY)
-
-
-AccessMethod = Callable[["Exchange"], Any]

@@ -76,10 +76,6 @@ class WorkerState:
     def log_exception(self, message: str, exc: BaseException | None) -> None:
         log.error(message, exc_info=exc)
 
-    @property
-    def in_flight(self) -> int:
-        return sum(1 for c in self.connections if not c.idle)
-
     def __repr__(self) -> str:
         return f"WorkerState({self.runtime!r}, {len(self.connections)} connections)"
 
