@@ -2,14 +2,15 @@
 
 The data plane is plain, fully typed Python; mypyc turns these modules into C extensions that
 run the same code about twice as fast (bench/hotpath.py measures it). Everything else stays
-interpreted. Set TOLLGATE_PURE_PYTHON=1 to skip compilation (the package then runs the same
+interpreted, but for one hand-written C module: the shared-memory store's locks and records
+(src/tollgate/ratelimit/_shmtable.c, which says why). Set TOLLGATE_PURE_PYTHON=1 to skip compilation (the package then runs the same
 modules as Python, slower); without a C compiler the build falls back to that by itself.
 """
 
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HOT_PATH = [
     "src/tollgate/http/exchange.py",
@@ -19,6 +20,12 @@ HOT_PATH = [
     "src/tollgate/http/responses.py",
     "src/tollgate/http/server.py",
     "src/tollgate/http/upstream.py",
+    "src/tollgate/ratelimit/algorithms.py",
+    "src/tollgate/ratelimit/headers.py",
+    "src/tollgate/ratelimit/keys.py",
+    "src/tollgate/ratelimit/limiter.py",
+    "src/tollgate/ratelimit/shm.py",
+    "src/tollgate/ratelimit/store.py",
     "src/tollgate/routing/router.py",
 ]
 
@@ -29,7 +36,13 @@ def compiled_modules() -> list:
     try:
         from mypyc.build import mypycify
 
-        return mypycify(HOT_PATH, opt_level="3", debug_level="0")
+        # Hand-written C: the shared-memory store's stripe locks and record codec.
+        table = Extension(
+            "tollgate.ratelimit._shmtable",
+            ["src/tollgate/ratelimit/_shmtable.c"],
+            extra_compile_args=["-O2"],
+        )
+        return [*mypycify(HOT_PATH, opt_level="3", debug_level="0"), table]
     except Exception as exc:  # no compiler, no mypyc: the pure-Python package still works
         print(f"tollgate: not compiling the request path ({exc})", file=sys.stderr)
         return []

@@ -6,7 +6,7 @@ microseconds per request. What it leaves out is the event loop and the four syst
 every proxied request costs (read, write upstream, read upstream, write): that part is the
 same for any design, so this number is the one to drive down.
 
-    python bench/hotpath.py [--keyauth] [--ratelimit] [--post] [-n 100000] [--profile]
+    python bench/hotpath.py [--keyauth] [--ratelimit [local|process]] [--post] [-n 100000] [--profile]
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
+import tempfile
 import time
 from typing import Any
 
 from tollgate.config.loader import parse_config_data
 from tollgate.http.server import ClientConnection
 from tollgate.http.upstream import UpstreamConnection
+from tollgate.ratelimit.shm import SharedMemoryStore
 from tollgate.runtime.runtime import PoolRegistry, compile_config
 from tollgate.runtime.worker import WorkerState
 
@@ -72,17 +75,16 @@ RATE_LIMIT = {
             {"name": "per-minute", "algorithm": "sliding-window", "limit": 10**9, "window": "60s"}
         ],
         "by": "consumer",
-        "store": "process",
     }
 }
 
 
 def build(
-    keyauth: bool, ratelimit: bool = False
+    keyauth: bool, ratelimit: str | None = None
 ) -> tuple[ClientConnection, FakeTransport, FakeTransport]:
     policies: list[dict[str, Any]] = [{"key-auth": {}}] if keyauth else []
     if ratelimit:
-        policies.append(RATE_LIMIT)
+        policies.append({"rate-limit": {**RATE_LIMIT["rate-limit"], "store": ratelimit}})
     config = parse_config_data(
         {
             "upstreams": [{"name": "mock", "targets": [{"url": "http://127.0.0.1:18181"}]}],
@@ -101,7 +103,7 @@ def build(
         }
     )
     pools = PoolRegistry()
-    runtime = compile_config(config, pools)
+    runtime = compile_config(config, pools, shared_store=node_store)
     state = WorkerState(runtime, pools)
     client = ClientConnection(state)
     client_transport = FakeTransport()
@@ -115,7 +117,19 @@ def build(
     return client, client_transport, upstream_transport
 
 
-def run(n: int, keyauth: bool, post: bool, ratelimit: bool = False) -> float:
+def node_store() -> SharedMemoryStore:
+    """The node-wide store of `store: local`, in a file of its own (as the supervisor makes)."""
+    global _NODE_STORE
+    if _NODE_STORE is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="tollgate-hotpath-"), "ratelimit.shm")
+        _NODE_STORE = SharedMemoryStore.create(path, 65536)
+    return _NODE_STORE
+
+
+_NODE_STORE: SharedMemoryStore | None = None
+
+
+def run(n: int, keyauth: bool, post: bool, ratelimit: str | None = None) -> float:
     client, client_transport, _ = build(keyauth, ratelimit)
     request = POST if post else GET
     pool = client.state.runtime.upstreams["mock"].targets[0].pool
@@ -144,7 +158,7 @@ async def main(args: argparse.Namespace) -> None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
     best = min(run(args.n, args.keyauth, args.post, args.ratelimit) for _ in range(3))
     kind = ("POST 1 KiB" if args.post else "GET") + (" + key-auth" if args.keyauth else "")
-    kind += " + rate-limit" if args.ratelimit else ""
+    kind += f" + rate-limit ({args.ratelimit} store)" if args.ratelimit else ""
     print(f"{kind}: {best:.2f} us per proxied request (gateway code only, best of 3)")
 
 
@@ -153,6 +167,12 @@ if __name__ == "__main__":
     parser.add_argument("-n", type=int, default=100_000)
     parser.add_argument("--keyauth", action="store_true")
     parser.add_argument("--post", action="store_true")
-    parser.add_argument("--ratelimit", action="store_true", help="add one sliding-window limit")
+    parser.add_argument(
+        "--ratelimit",
+        nargs="?",
+        const="local",
+        choices=["local", "process"],
+        help="add one sliding-window limit, counted in the node's store (local) or per worker",
+    )
     parser.add_argument("--profile", action="store_true")
     asyncio.run(main(parser.parse_args()))

@@ -66,6 +66,9 @@ class Exchange:
     # What policies ask for: headers to add upstream and downstream (tuples until first added).
     upstream_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
     response_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
+    # Header lines already serialised (`Name: value\r\n` each), sent after response_headers:
+    # a policy that renders its fields from a template adds them in one piece.
+    response_block = b""
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes, bytes]] = []
@@ -78,6 +81,10 @@ class Exchange:
     def add_response_headers(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
         """Headers to add to the response the client gets."""
         self.response_headers = [*self.response_headers, *pairs]
+
+    def add_response_block(self, block: bytes) -> None:
+        """Serialised header lines (each `Name: value\r\n`) to add to the client's response."""
+        self.response_block += block
 
     def remove_upstream_header(self, lower_name: bytes) -> None:
         """Do not forward this request header upstream (e.g. a credential)."""

@@ -46,9 +46,16 @@ class GatewayResponse:
         self.close = close or status in CLOSE_AFTER
 
     def head(
-        self, version: bytes, extra: list[tuple[bytes, bytes]], keep_alive: bool, no_body: bool
+        self,
+        version: bytes,
+        extra: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        no_body: bool,
+        block: bytes = b"",
     ) -> bytes:
-        """Serialise status line and headers; `no_body` for HEAD (Content-Length still sent)."""
+        """Serialise status line and headers; `no_body` for HEAD (Content-Length still sent).
+
+        `block`: header lines already serialised, sent after `extra`."""
         parts = [
             b"HTTP/",
             version,
@@ -62,6 +69,8 @@ class GatewayResponse:
             parts += (name, b": ", value, b"\r\n")
         for name, value in extra:
             parts += (name, b": ", value, b"\r\n")
+        if block:
+            parts.append(block)
         if self.status >= 200 and self.status not in (204, 304):
             parts += (b"Content-Length: ", str(len(self.body)).encode(), b"\r\n")
         if not keep_alive:

@@ -885,6 +885,8 @@ class ClientConnection(asyncio.Protocol):
                 append(b": ")
                 append(value)
                 append(b"\r\n")
+        if ex.response_block:
+            append(ex.response_block)
         upstream_ms = int((now - ex.t_upstream_start) * 1000)
         gateway_ms = int((now - ex.t_start) * 1000) - upstream_ms
         parts.append(
@@ -1034,7 +1036,7 @@ class ClientConnection(asyncio.Protocol):
             extra.extend(ex.response_headers)
         if keep_alive and ex.version == b"1.0":
             extra.append((b"Connection", b"keep-alive"))
-        head = response.head(b"1.1", extra, keep_alive, ex.method == "HEAD")
+        head = response.head(b"1.1", extra, keep_alive, ex.method == "HEAD", ex.response_block)
         self.out.append(head)
         if response.body and ex.method != "HEAD":
             self.out.append(response.body)

@@ -20,6 +20,7 @@ iterates over tuples of bound methods.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from tollgate.config.base import Model
@@ -43,6 +44,12 @@ class Policy:
     def phases(self) -> tuple[str, ...]:
         """The phases this policy acts in: the phase methods its class defines."""
         return tuple(p for p in PHASES if getattr(type(self), p, None) is not None)
+
+    def handler(self, phase: str) -> Callable[..., Any]:
+        """What a route calls for `phase`: the phase method itself, unless a policy hands out
+        a compiled object's method instead (no interpreted call on the request path)."""
+        handler: Callable[..., Any] = getattr(self, phase)
+        return handler
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(priority={self.priority}, config={self.config!r})"

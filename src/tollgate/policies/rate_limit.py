@@ -14,21 +14,19 @@ limited by the plan's limits instead of the policy's own.
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from tollgate.config.base import Model
 from tollgate.config.units import Duration
-from tollgate.http.responses import GatewayResponse, error_response
+from tollgate.http.responses import GatewayResponse
 from tollgate.policies.base import Policy, register
 from tollgate.ratelimit.algorithms import (
     ALGORITHM_KINDS,
     CalendarQuota,
-    CombinedDecision,
     Concurrency,
     FixedWindow,
     LeakyBucket,
@@ -37,23 +35,14 @@ from tollgate.ratelimit.algorithms import (
     SlidingWindowLog,
     TokenBucket,
 )
-from tollgate.ratelimit.headers import (
-    LimitHeaders,
-    limit_fields,
-    policy_field,
-    retry_after_seconds,
-)
 from tollgate.ratelimit.keys import KeyBuilder, TrustedProxies, check_key_spec, parse_networks
+from tollgate.ratelimit.limiter import CompiledLimits, LimitSpecView, RequestLimiter
 from tollgate.ratelimit.shm import SharedMemoryStore
-from tollgate.ratelimit.store import Limit, Store, process_store
+from tollgate.ratelimit.store import Store, process_store
 from tollgate.runtime.context import CompileContext
 
 if TYPE_CHECKING:
     from tollgate.http.exchange import Exchange
-
-RATE_LIMITED = "Rate limit exceeded: {}"
-# Where an admitted request's concurrency slots wait for the log phase to give them back.
-HELD_NOTE = "rate-limit"
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -322,40 +311,22 @@ class RateLimitConfig(Model):
         return self
 
 
-# -- compiled ------------------------------------------------------------------------------
-
-
-class CompiledLimits:
-    """A set of limits ready for the request path: keys' prefixes, algorithms, header parts."""
-
-    __slots__ = ("algorithms", "concurrency", "headers", "messages", "never", "policy", "prefixes")
-
-    def __init__(self, specs: Sequence[LimitSpec], scope: str) -> None:
-        self.prefixes = tuple(f"{scope}|{spec.name}|{spec.fingerprint()}|" for spec in specs)
-        self.algorithms = tuple(spec.build() for spec in specs)
-        self.concurrency = tuple(
-            index for index, spec in enumerate(specs) if spec.algorithm == "concurrency"
-        )
-        self.messages = tuple(RATE_LIMITED.format(spec.name) for spec in specs)
-        self.headers = tuple(
-            LimitHeaders.render(spec.name, spec.quota(), spec.window_seconds()) for spec in specs
-        )
-        self.policy = policy_field(self.headers)
-        windows = [spec.window_seconds() or 0.0 for spec in specs]
-        self.never = math.ceil(max(windows))
-
-    def keyed(self, client: str) -> list[Limit]:
-        """The (key, algorithm) of every limit for the client key `client`."""
-        return [
-            (prefix + client, algorithm)
-            for prefix, algorithm in zip(self.prefixes, self.algorithms, strict=True)
-        ]
-
-    def fields(self, combined: CombinedDecision) -> list[tuple[bytes, bytes]]:
-        return limit_fields(self.policy, self.headers[combined.limit_index], combined.decision)
-
-    def __repr__(self) -> str:
-        return f"CompiledLimits({self.policy[1].decode()})"
+def compiled_limits(specs: Sequence[LimitSpec], scope: str) -> CompiledLimits:
+    """`specs` ready for the request path."""
+    return CompiledLimits(
+        [
+            LimitSpecView(
+                spec.name,
+                spec.algorithm,
+                spec.fingerprint(),
+                spec.build(),
+                spec.quota(),
+                spec.window_seconds(),
+            )
+            for spec in specs
+        ],
+        scope,
+    )
 
 
 @register
@@ -366,9 +337,7 @@ class RateLimit(Policy):
 
     def __init__(self, config: RateLimitConfig, context: CompileContext) -> None:
         super().__init__(config, context)
-        self._clock = context.clock
-        self._store = self._pick_store(config, context)
-        self._key = KeyBuilder(
+        key = KeyBuilder(
             [config.by] if isinstance(config.by, str) else config.by,
             service=context.service,
             route=context.route,
@@ -377,12 +346,12 @@ class RateLimit(Policy):
         # One rate-limit policy per route (a later entry replaces an earlier one), so the route
         # is the policy's identity: no other policy counts under these keys.
         scope = f"{self.name}|{context.service}/{context.route}"
-        self._own = CompiledLimits(config.limits, scope) if config.limits else None
-        self._by_plan: dict[str, CompiledLimits] | None = None
+        own = compiled_limits(config.limits, scope) if config.limits else None
+        by_plan: dict[str, CompiledLimits] | None = None
         if config.plans:
             if not context.plans:
                 raise ValueError("rate-limit has `plans: true` but the config defines no `plans`")
-            self._by_plan = {}
+            by_plan = {}
             for plan_name, plan in context.plans.items():
                 if plan.rate_limit is None:
                     continue
@@ -392,10 +361,17 @@ class RateLimit(Policy):
                         check_local_store(plan.rate_limit.limits)
                 except ValueError as exc:
                     raise ValueError(f"rate-limit with plan {plan_name!r}: {exc}") from None
-                self._by_plan[plan_name] = CompiledLimits(plan.rate_limit.limits, scope)
-        self._cost = config.cost
-        self._status = config.status
-        self._headers = config.headers
+                by_plan[plan_name] = compiled_limits(plan.rate_limit.limits, scope)
+        self.limiter = RequestLimiter(
+            own,
+            by_plan,
+            key,
+            self._pick_store(config, context),
+            context.clock,
+            cost=config.cost,
+            status=config.status,
+            headers=config.headers,
+        )
 
     @staticmethod
     def _pick_store(config: RateLimitConfig, context: CompileContext) -> Store:
@@ -405,55 +381,19 @@ class RateLimit(Policy):
             raise ValueError("rate-limit has `store: local` but nothing provides the node's store")
         return context.shared_store()
 
+    def handler(self, phase: str) -> Callable[..., Any]:
+        if phase == "access":
+            return self.limiter.access
+        if phase == "log":
+            return self.limiter.log
+        return super().handler(phase)
+
     def access(self, ex: Exchange) -> GatewayResponse | Awaitable[None] | None:
-        limits = self._own
-        by_plan = self._by_plan
-        if by_plan is not None:
-            consumer = ex.consumer
-            if consumer is not None and consumer.plan is not None:
-                limits = by_plan.get(consumer.plan, limits)
-        if limits is None:
-            return None
-        keyed = limits.keyed(self._key(ex))
-        combined = self._store.hit(keyed, self._clock.wall(), self._cost)
-        decision = combined.decision
-        if not decision.allowed:
-            return error_response(
-                self._status,
-                "rate_limited",
-                limits.messages[combined.limit_index],
-                ex.request_id,
-                limits.fields(combined) if self._headers else None,
-                retry_after=retry_after_seconds(decision.retry_after, limits.never),
-            )
-        if limits.concurrency:
-            self._hold(ex, [keyed[index][0] for index in limits.concurrency])
-        if self._headers:
-            ex.add_response_headers(limits.fields(combined))
-        if decision.delay > 0:
-            return asyncio.sleep(decision.delay)  # the leaky bucket spaces requests out
-        return None
+        return self.limiter.access(ex)
 
     def log(self, ex: Exchange) -> None:
-        """Give back the concurrency slots the request held: it has ended, one way or another
-        (the listener runs `log` for every exchange of a route, a client gone away included)."""
-        notes = ex.policy_notes
-        if notes is None:
-            return
-        held = notes.pop(HELD_NOTE, None)
-        if held is None:
-            return
-        keys, cost = held
-        for key in keys:
-            self._store.release(key, cost)
-
-    def _hold(self, ex: Exchange, keys: Iterable[str]) -> None:
-        held = (tuple(keys), self._cost)
-        if ex.policy_notes is None:
-            ex.policy_notes = {HELD_NOTE: held}
-        else:
-            ex.policy_notes[HELD_NOTE] = held
+        """Give back the concurrency slots the request held (see `RequestLimiter.log`)."""
+        self.limiter.log(ex)
 
     def __repr__(self) -> str:
-        plans = sorted(self._by_plan) if self._by_plan is not None else None
-        return f"RateLimit(own={self._own!r}, plans={plans}, key={self._key!r})"
+        return f"RateLimit({self.limiter!r})"

@@ -73,6 +73,26 @@ def policy_field(limits: Sequence[LimitHeaders]) -> tuple[bytes, bytes]:
     return RATELIMIT_POLICY, b", ".join(limit.policy_item for limit in limits)
 
 
+def fields_template(policy: tuple[bytes, bytes], limit: LimitHeaders) -> bytes:
+    """Every field's line of a response about `limit`, as a `%`-template of the four numbers
+    (remaining, reset, remaining, reset): one formatting per request renders them all, the
+    same fields as `limit_fields`."""
+
+    def literal(text: bytes) -> bytes:
+        return text.replace(b"%", b"%%")
+
+    return (
+        literal(policy[0] + b": " + policy[1] + b"\r\n")
+        + literal(RATELIMIT + b": " + limit.name_item)
+        + b";r=%d;t=%d\r\n"
+        + literal(X_LIMIT + b": " + limit.limit + b"\r\n")
+        + literal(X_REMAINING)
+        + b": %d\r\n"
+        + literal(X_RESET)
+        + b": %d\r\n"
+    )
+
+
 def limit_fields(
     policy: tuple[bytes, bytes], limit: LimitHeaders, decision: Decision
 ) -> list[tuple[bytes, bytes]]:

@@ -103,8 +103,14 @@ from tollgate.ratelimit.algorithms import (
     decide_all,
 )
 
+try:  # the compiled primitives (setup.py builds them); the same table without, only slower
+    from tollgate.ratelimit import _shmtable as _compiled  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - a pure-Python install
+    _compiled = None
+_C: Any = _compiled
+
 MAGIC: Final = b"TGSHMRL1"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 HEADER_SIZE: Final = 4096
 PAGE_SIZE: Final = 4096
 RECORD_SIZE: Final = 64
@@ -136,7 +142,7 @@ _EXPIRES_AT = 48
 _CRC_AT = 56
 _SALT_SIZE = 16
 
-_HEADER = struct.Struct("<8sIIIIQQ16s")
+_HEADER = struct.Struct("<8sIIIIQQ16sI")
 _HEADER_CRC = struct.Struct("<I")
 _COUNTER = struct.Struct("<QI")  # evictions, CRC-32 of them
 _COUNT = struct.Struct("<Q")
@@ -148,6 +154,17 @@ _EMPTY_RECORD = bytes(RECORD_SIZE)
 _FLOCK = struct.Struct("hhqqi4x")
 # Set a lock, waiting for it: on an open file description (Linux 3.15+); -1 where there is none.
 _SETLKW: Final[int] = getattr(fcntl, "F_OFD_SETLKW", -1)
+
+# How a store's stripes are locked (in its header): fcntl byte-range locks on the file, or
+# robust process-shared mutexes in the counter lines (with the compiled primitives).
+LOCKS_FCNTL: Final = 1
+LOCKS_MUTEX: Final = 2
+# A stripe's mutex in its counter line, after the eviction counter.
+_MUTEX_AT: Final = 16
+# What this process uses: no locks at all (locking=False), or the store's kind.
+_UNLOCKED: Final = 0
+if _C is not None and _C.mutex_size() > COUNTER_SIZE - _MUTEX_AT:  # pragma: no cover
+    _C = None  # a libc whose mutex does not fit the line: fcntl locks then
 
 _UNSUPPORTED = (
     "the shared-memory store keeps fixed-size states, and {kind!r} keeps a variable-size one "
@@ -162,56 +179,55 @@ class SharedMemoryError(TollgateError):
 # -- records -----------------------------------------------------------------------------------
 
 
-class _Codec(NamedTuple):
+class _Codec:
     """How one kind's state sits in a record's three fields."""
 
-    tag: int
-    body: struct.Struct  # bytes 0-55 of a record
-    record: struct.Struct  # all 64 bytes, the CRC-32 last
-    fields: Callable[[Any], tuple[Any, ...]]  # state -> the fields to pack
-    state: Callable[[tuple[Any, ...]], Any]  # unpacked record -> state
+    __slots__ = ("body", "fields", "layout", "record", "state", "tag")
 
-
-def _codec(
-    kind: str,
-    fields: str,
-    to_fields: Callable[[Any], tuple[Any, ...]],
-    to_state: Callable[[tuple[Any, ...]], Any],
-) -> _Codec:
-    """`fields`: the struct codes of the three 8-byte fields (pad bytes for unused ones)."""
-    body = struct.Struct(f"<16sB7x{fields}d")
-    record = struct.Struct(f"<16sB7x{fields}dI4x")
-    assert body.size == _CRC_AT and record.size == RECORD_SIZE
-    return _Codec(KIND_TAGS[kind], body, record, to_fields, to_state)
+    def __init__(
+        self,
+        kind: str,
+        layout: bytes,
+        fields: Callable[[Any], tuple[Any, ...]],
+        state: Callable[[tuple[Any, ...]], Any],
+    ) -> None:
+        """`layout`: each field's code, `d` float64, `q` int64 or `x` unused."""
+        self.tag = KIND_TAGS[kind]
+        self.layout = layout
+        codes = "".join("8x" if code == "x" else code for code in layout.decode())
+        self.body = struct.Struct(f"<16sB7x{codes}d")  # bytes 0-55 of a record
+        self.record = struct.Struct(f"<16sB7x{codes}dI4x")  # all 64, the CRC-32 last
+        assert self.body.size == _CRC_AT and self.record.size == RECORD_SIZE
+        self.fields = fields  # state -> the used fields, in order
+        self.state = state  # the used fields -> state
 
 
 def _window_codec(kind: str) -> _Codec:
-    return _codec(kind, "dq8x", lambda s: (s.start, s.spent), lambda r: WindowCount(r[2], r[3]))
+    return _Codec(kind, b"dqx", lambda s: (s.start, s.spent), lambda f: WindowCount(f[0], f[1]))
 
 
-# Unpacked records start (digest, tag, field 1, ...): a state's fields are r[2], r[3]...
 _CODECS: Final = {
     "fixed-window": _window_codec("fixed-window"),
     "quota": _window_codec("quota"),
-    "sliding-window": _codec(
+    "sliding-window": _Codec(
         "sliding-window",
-        "dqq",
+        b"dqq",
         lambda s: (s.start, s.previous, s.current),
-        lambda r: SlidingCounterState(r[2], r[3], r[4]),
+        lambda f: SlidingCounterState(f[0], f[1], f[2]),
     ),
-    "token-bucket": _codec(
+    "token-bucket": _Codec(
         "token-bucket",
-        "dd8x",
+        b"ddx",
         lambda s: (s.tokens, s.updated_at),
-        lambda r: BucketState(r[2], r[3]),
+        lambda f: BucketState(f[0], f[1]),
     ),
-    "leaky-bucket": _codec(
+    "leaky-bucket": _Codec(
         "leaky-bucket",
-        "dd8x",
+        b"ddx",
         lambda s: (s.queued, s.updated_at),
-        lambda r: QueueState(r[2], r[3]),
+        lambda f: QueueState(f[0], f[1]),
     ),
-    "concurrency": _codec("concurrency", "q16x", lambda s: (s,), lambda r: r[2]),
+    "concurrency": _Codec("concurrency", b"qxx", lambda s: (s,), lambda f: f[0]),
 }
 
 
@@ -229,7 +245,12 @@ def _codec_for(algorithm: RateAlgorithm[Any]) -> _Codec:
     return codec
 
 
-def _pack(codec: _Codec, digest: bytes, state: Any, expires: float) -> bytes:
+def _pack(compiled: Any, codec: _Codec, digest: bytes, state: Any, expires: float) -> bytes:
+    if compiled is not None:
+        record: bytes = compiled.encode(
+            digest, codec.tag, codec.layout, codec.fields(state), expires
+        )
+        return record
     body = codec.body.pack(digest, codec.tag, *codec.fields(state), expires)
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -260,7 +281,7 @@ class _Layout(NamedTuple):
     def capacity(self) -> int:
         return self.stripes * self.stripe_slots
 
-    def header(self, salt: bytes) -> bytes:
+    def header(self, salt: bytes, locks: int) -> bytes:
         fixed = _HEADER.pack(
             MAGIC,
             FORMAT_VERSION,
@@ -270,12 +291,13 @@ class _Layout(NamedTuple):
             self.records_at,
             self.file_size,
             salt,
+            locks,
         )
         return fixed + _HEADER_CRC.pack(zlib.crc32(fixed))
 
 
-def _read_header(path: Path, fd: int) -> tuple[_Layout, bytes]:
-    """The layout and salt a store file's header describes, checked against the file."""
+def _read_header(path: Path, fd: int) -> tuple[_Layout, bytes, int]:
+    """The layout, salt and lock kind a store file's header describes, checked."""
     size = os.fstat(fd).st_size
     raw = os.pread(fd, _HEADER.size + _HEADER_CRC.size, 0)
     if len(raw) < _HEADER.size + _HEADER_CRC.size or not raw.startswith(MAGIC):
@@ -284,8 +306,8 @@ def _read_header(path: Path, fd: int) -> tuple[_Layout, bytes]:
     (crc,) = _HEADER_CRC.unpack_from(raw, _HEADER.size)
     if zlib.crc32(fixed) != crc:
         raise SharedMemoryError(f"{path}: the store's header is damaged; create the store again")
-    _, version, record_size, stripes, stripe_slots, records_at, file_size, salt = _HEADER.unpack(
-        fixed
+    _, version, record_size, stripes, stripe_slots, records_at, file_size, salt, locks = (
+        _HEADER.unpack(fixed)
     )
     if version != FORMAT_VERSION or record_size != RECORD_SIZE:
         raise SharedMemoryError(
@@ -293,14 +315,18 @@ def _read_header(path: Path, fd: int) -> tuple[_Layout, bytes]:
             f"this Tollgate reads version {FORMAT_VERSION}: create the store again"
         )
     layout = _Layout.for_stripes(stripes, stripe_slots)
-    if not (0 < stripe_slots <= STRIPE_SLOTS) or layout[2:] != (records_at, file_size):
+    if (
+        not (0 < stripe_slots <= STRIPE_SLOTS)
+        or layout[2:] != (records_at, file_size)
+        or locks not in (LOCKS_FCNTL, LOCKS_MUTEX)
+    ):
         raise SharedMemoryError(f"{path}: the store's header describes an impossible layout")
     if size != file_size:
         raise SharedMemoryError(
             f"{path} is {size} bytes long but its header says {file_size}: "
             "it was truncated or extended; create the store again"
         )
-    return layout, salt
+    return layout, salt, locks
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -324,9 +350,9 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-# Where a key lives: its digest, its stripe, the stripe's first byte and its home slot's, and
-# the requests that lock and unlock the stripe (built once, as the key's place is).
-_Place = tuple[bytes, int, int, int, bytes, bytes]
+# Where a key lives: its digest, its stripe, the stripe's first byte and its home slot's, the
+# fcntl requests that lock and unlock the stripe, and its mutex's offset (built once).
+_Place = tuple[bytes, int, int, int, bytes, bytes, int]
 
 
 def _lock_request(mode: int, stripe: int) -> bytes:
@@ -347,10 +373,11 @@ class SharedMemoryStore:
     """
 
     __slots__ = (
+        "_c",
         "_fd",
         "_layout",
         "_locations",
-        "_locking",
+        "_lock_mode",
         "_map",
         "_owner",
         "_path",
@@ -363,7 +390,7 @@ class SharedMemoryStore:
     )
 
     def __init__(
-        self, path: Path, fd: int, mapped: mmap.mmap, layout: _Layout, salt: bytes, locking: bool
+        self, path: Path, fd: int, mapped: mmap.mmap, layout: _Layout, salt: bytes, lock_mode: int
     ) -> None:
         """Use `create` or `open`."""
         self._path = path
@@ -372,7 +399,9 @@ class SharedMemoryStore:
         self._view = memoryview(mapped)
         self._layout = layout
         self._salt = salt
-        self._locking = locking
+        self._lock_mode = lock_mode
+        # The compiled primitives, if this process has them (fixed when the store is opened).
+        self._c: Any = _C
         self._stripes = layout.stripes
         self._slots = layout.stripe_slots
         self._stripe_bytes = layout.stripe_slots * RECORD_SIZE
@@ -398,14 +427,19 @@ class SharedMemoryStore:
                 f"capacity must be from 1 to {MAX_CAPACITY:,} records "
                 f"({MAX_CAPACITY * RECORD_SIZE >> 30} GiB), not {capacity:,}"
             )
-        _check_locking(locking)
         path = Path(path)
         layout = _Layout.for_capacity(capacity)
+        locks = LOCKS_MUTEX if _C is not None else LOCKS_FCNTL
+        if locks == LOCKS_FCNTL:
+            _check_locking(locking)
         # Built aside and renamed into place, so that no worker ever maps a half-made file.
         fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
         try:
             os.ftruncate(fd, layout.file_size)
-            os.pwrite(fd, layout.header(os.urandom(_SALT_SIZE)), 0)
+            os.pwrite(fd, layout.header(os.urandom(_SALT_SIZE), locks), 0)
+            if locks == LOCKS_MUTEX:
+                with mmap.mmap(fd, layout.file_size) as mapped:
+                    _C.init_locks(mapped, HEADER_SIZE + _MUTEX_AT, COUNTER_SIZE, layout.stripes)
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)
@@ -418,15 +452,21 @@ class SharedMemoryStore:
     def open(cls, path: str | os.PathLike[str], *, locking: bool = True) -> Self:
         """Open the store a supervisor created at `path` (in each worker process)."""
         path = Path(path)
-        _check_locking(locking)
         fd = os.open(path, os.O_RDWR)
         try:
-            layout, salt = _read_header(path, fd)
+            layout, salt, locks = _read_header(path, fd)
+            if locking and locks == LOCKS_MUTEX and _C is None:
+                raise SharedMemoryError(
+                    f"{path} is locked with process-shared mutexes, which need Tollgate's "
+                    "compiled extension; this installation runs without it"
+                )
+            if locking and locks == LOCKS_FCNTL:
+                _check_locking(locking)
             mapped = mmap.mmap(fd, layout.file_size)
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, mapped, layout, salt, locking)
+        return cls(path, fd, mapped, layout, salt, locks if locking else _UNLOCKED)
 
     def close(self) -> None:
         """Unmap the file and drop its locks. The file stays for the other processes."""
@@ -474,25 +514,61 @@ class SharedMemoryStore:
         codec = _codec_for(algorithm)
         if self._owner != _process_generation:
             self._refuse()
-        digest, stripe, base, home, take, drop = self._locations.get(key) or self._place(key)
-        locking = self._locking
+        place = self._locations.get(key) or self._place(key)
+        compiled = self._c
+        if compiled is not None:
+            return self._hit_one_compiled(compiled, place, codec, algorithm, now, cost)
+        digest, stripe, base, home, _, _, _ = place
+        self._take(place)
         try:
-            if locking:
-                fcntl.fcntl(self._fd, _SETLKW, take)
-            at, record = self._find(digest, codec, base, home)
-            state = None if record is None else codec.state(record)
+            at, fields = self._find(digest, codec, base, home)
+            state = None if fields is None else codec.state(fields)
             decision, new_state = algorithm.decide(state, now, cost)
             if not decision.allowed:
                 return CombinedDecision(decision, 0, (state,))
             if new_state is not state:
-                packed = _pack(codec, digest, new_state, algorithm.expires_at(new_state))
                 if at < 0:
                     at = self._free_slot(stripe, base, home, now, ())
-                self._map[at : at + RECORD_SIZE] = packed
+                self._write(at, codec, digest, new_state, algorithm.expires_at(new_state))
             return CombinedDecision(decision, 0, (new_state,))
         finally:
-            if locking:
-                fcntl.fcntl(self._fd, _SETLKW, drop)
+            self._drop(place)
+
+    def _hit_one_compiled(
+        self,
+        compiled: Any,
+        place: _Place,
+        codec: _Codec,
+        algorithm: RateAlgorithm[Any],
+        now: float,
+        cost: int,
+    ) -> CombinedDecision:
+        """`_hit_one` in two calls of the compiled primitives: lock and read, write and unlock."""
+        digest, stripe, base, home, _, _, lock_at = place
+        if self._lock_mode != LOCKS_MUTEX:
+            lock_at = -1
+        mapped = self._map
+        at, fields = compiled.find(
+            mapped, lock_at, digest, codec.tag, base, home, self._slots, codec.layout
+        )
+        try:
+            state = None if fields is None else codec.state(fields)
+            decision, new_state = algorithm.decide(state, now, cost)
+            if not decision.allowed or new_state is state:
+                if lock_at >= 0:
+                    compiled.unlock(mapped, lock_at)
+                return CombinedDecision(decision, 0, (new_state,))
+            if at < 0:
+                at = self._free_slot(stripe, base, home, now, ())
+            expires = algorithm.expires_at(new_state)
+            fields = codec.fields(new_state)
+        except BaseException:
+            if lock_at >= 0:
+                compiled.unlock(mapped, lock_at)
+            raise
+        # Unlocks, whether the write succeeds or not; a state that does not fit writes nothing.
+        compiled.save(mapped, at, digest, codec.tag, codec.layout, fields, expires, lock_at)
+        return CombinedDecision(decision, 0, (new_state,))
 
     def _hit_many(
         self, limits: Sequence[tuple[str, RateAlgorithm[Any]]], now: float, cost: int
@@ -513,30 +589,31 @@ class SharedMemoryStore:
             identities.add((key, codec.tag))
         if len(identities) < len(limits):
             raise ValueError("a key appears twice with one algorithm kind in one hit")
-        # (stripe, lock, unlock) once per stripe, in ascending order: no two requests deadlock.
-        locks = sorted({(place[1], place[4], place[5]) for place in places})
-        locking = self._locking
-        fd = self._fd
+        # One place per stripe, in ascending stripe order: no two requests deadlock.
+        stripes: dict[int, _Place] = {}
+        for place in places:
+            stripes.setdefault(place[1], place)
+        locked = [stripes[stripe] for stripe in sorted(stripes)]
+        taken = 0
         try:
-            if locking:
-                for _, take, _ in locks:
-                    fcntl.fcntl(fd, _SETLKW, take)
+            for place in locked:
+                self._take(place)
+                taken += 1
             found: list[int] = []
             pairs: list[tuple[RateAlgorithm[Any], Any]] = []
             for index, (_, algorithm) in enumerate(limits):
                 codec = codecs[index]
-                digest, _, base, home, _, _ = places[index]
-                at, record = self._find(digest, codec, base, home)
+                digest, _, base, home, _, _, _ = places[index]
+                at, fields = self._find(digest, codec, base, home)
                 found.append(at)
-                pairs.append((algorithm, None if record is None else codec.state(record)))
+                pairs.append((algorithm, None if fields is None else codec.state(fields)))
             combined = decide_all(pairs, now, cost)
             if combined.decision.allowed:
                 self._store_all(codecs, places, found, pairs, combined.states, now)
             return combined
         finally:
-            if locking:
-                for _, _, drop in locks:
-                    fcntl.fcntl(fd, _SETLKW, drop)
+            for place in locked[:taken]:
+                self._drop(place)
 
     def _store_all(
         self,
@@ -554,14 +631,14 @@ class SharedMemoryStore:
             if new_state is not state:
                 codec = codecs[index]
                 expires = algorithm.expires_at(new_state)
-                writes.append((index, _pack(codec, places[index][0], new_state, expires)))
+                writes.append((index, _pack(self._c, codec, places[index][0], new_state, expires)))
         # A new record must not take a slot this request reads or writes.
         held = {at for at in found if at >= 0}
         mapped = self._map
         for index, packed in writes:
             at = found[index]
             if at < 0:
-                _, stripe, base, home, _, _ = places[index]
+                _, stripe, base, home, _, _, _ = places[index]
                 at = self._free_slot(stripe, base, home, now, held)
                 if at < 0:
                     continue  # a stripe smaller than the request's limits: as if evicted
@@ -573,57 +650,53 @@ class SharedMemoryStore:
         codec = _codec_for(algorithm)
         if self._owner != _process_generation:
             self._refuse()
-        digest, stripe, base, home, _, drop = self._locations.get(key) or self._place(key)
+        place = self._locations.get(key) or self._place(key)
+        digest, _, base, home, _, _, _ = place
+        self._take(place, shared=True)
         try:
-            if self._locking:
-                fcntl.fcntl(self._fd, _SETLKW, _lock_request(fcntl.F_RDLCK, stripe))
-            _, record = self._find(digest, codec, base, home)
+            _, fields = self._find(digest, codec, base, home)
         finally:
-            if self._locking:
-                fcntl.fcntl(self._fd, _SETLKW, drop)
-        state = None if record is None else codec.state(record)
+            self._drop(place)
+        state = None if fields is None else codec.state(fields)
         return algorithm.decide(state, now, 1)[0]
 
     def release(self, key: str, cost: int = 1) -> None:
         """A request of `cost` that the concurrency limit under `key` admitted has ended."""
         if self._owner != _process_generation:
             self._refuse()
-        digest, _, base, home, take, drop = self._locations.get(key) or self._place(key)
+        place = self._locations.get(key) or self._place(key)
+        digest, _, base, home, _, _, _ = place
         codec = _CODECS["concurrency"]
+        self._take(place)
         try:
-            if self._locking:
-                fcntl.fcntl(self._fd, _SETLKW, take)
-            at, record = self._find(digest, codec, base, home)
-            if record is None:
+            at, fields = self._find(digest, codec, base, home)
+            if fields is None:
                 return  # evicted, reset or torn meanwhile: nothing is counted to give back
-            left = _RELEASER.release(codec.state(record), cost)
-            self._map[at : at + RECORD_SIZE] = (
-                _EMPTY_RECORD
-                if left is None
-                else _pack(codec, digest, left, _RELEASER.expires_at(left))
-            )
+            left = _RELEASER.release(codec.state(fields), cost)
+            if left is None:
+                self._map[at : at + RECORD_SIZE] = _EMPTY_RECORD
+            else:
+                self._write(at, codec, digest, left, _RELEASER.expires_at(left))
         finally:
-            if self._locking:
-                fcntl.fcntl(self._fd, _SETLKW, drop)
+            self._drop(place)
 
     def reset(self, key: str) -> None:
         """Forget `key`'s state under every algorithm: its next request starts afresh."""
         if self._owner != _process_generation:
             self._refuse()
-        digest, _, base, _, take, drop = self._locations.get(key) or self._place(key)
+        place = self._locations.get(key) or self._place(key)
+        digest, _, base, _, _, _, _ = place
         end = base + self._stripe_bytes
         mapped = self._map
+        self._take(place)
         try:
-            if self._locking:
-                fcntl.fcntl(self._fd, _SETLKW, take)
             at = mapped.find(digest, base, end)
             while at >= 0:
                 if not (at - base) % RECORD_SIZE:
                     mapped[at : at + RECORD_SIZE] = _EMPTY_RECORD
                 at = mapped.find(digest, at + 1, end)
         finally:
-            if self._locking:
-                fcntl.fcntl(self._fd, _SETLKW, drop)
+            self._drop(place)
 
     # -- the table
 
@@ -641,21 +714,47 @@ class SharedMemoryStore:
             home,
             _lock_request(fcntl.F_WRLCK, stripe),
             _lock_request(fcntl.F_UNLCK, stripe),
+            HEADER_SIZE + stripe * COUNTER_SIZE + _MUTEX_AT,
         )
         if len(self._locations) >= LOCATION_CACHE_SIZE:
             self._locations.clear()
         self._locations[key] = place
         return place
 
+    def _take(self, place: _Place, shared: bool = False) -> None:
+        """Lock the stripe of `place` (`shared`: to read only, where the locks have modes)."""
+        mode = self._lock_mode
+        if mode == LOCKS_MUTEX:
+            self._c.lock(self._map, place[6])  # a holder that died: its records' CRCs tell
+        elif mode == LOCKS_FCNTL:
+            request = _lock_request(fcntl.F_RDLCK, place[1]) if shared else place[4]
+            fcntl.fcntl(self._fd, _SETLKW, request)
+
+    def _drop(self, place: _Place) -> None:
+        mode = self._lock_mode
+        if mode == LOCKS_MUTEX:
+            self._c.unlock(self._map, place[6])
+        elif mode == LOCKS_FCNTL:
+            fcntl.fcntl(self._fd, _SETLKW, place[5])
+
+    def _write(self, at: int, codec: _Codec, digest: bytes, state: Any, expires: float) -> None:
+        self._map[at : at + RECORD_SIZE] = _pack(self._c, codec, digest, state, expires)
+
     def _find(
         self, digest: bytes, codec: _Codec, base: int, home: int
     ) -> tuple[int, tuple[Any, ...] | None]:
-        """The intact record of `digest` under `codec`'s tag in a stripe, and where it is.
+        """The intact record of `digest` under `codec`'s tag in a stripe, where it is, and its
+        used fields.
 
-        Linear probing from the home slot to the stripe's end, then from its start; `find`
-        does the probing in C. Lookups never stop at a free slot, so freeing a record (or
-        finding one torn) never hides the records placed after it.
+        Linear probing from the home slot to the stripe's end, then from its start (in C
+        where compiled, else with `mmap.find`). Lookups never stop at a free slot, so freeing
+        a record (or finding one torn) never hides the records placed after it.
         """
+        if self._c is not None:
+            found: tuple[int, tuple[Any, ...] | None] = self._c.find(
+                self._map, -1, digest, codec.tag, base, home, self._slots, codec.layout
+            )
+            return found
         mapped = self._map
         end = base + self._stripe_bytes
         tag = codec.tag
@@ -670,7 +769,7 @@ class SharedMemoryStore:
             if not (at - base) % RECORD_SIZE and mapped[at + _TAG_AT] == tag:
                 record = codec.record.unpack_from(mapped, at)
                 if zlib.crc32(self._view[at : at + _CRC_AT]) == record[-1]:
-                    return at, record
+                    return at, record[2:-2]
             start = at + 1  # the digest's bytes elsewhere, another kind, or a torn record
 
     def _free_slot(
@@ -732,6 +831,11 @@ class SharedMemoryStore:
         return self._path
 
     @property
+    def locks(self) -> str:
+        """How this process locks the stripes: `mutex`, `fcntl` or `none`."""
+        return {LOCKS_MUTEX: "mutex", LOCKS_FCNTL: "fcntl"}.get(self._lock_mode, "none")
+
+    @property
     def capacity(self) -> int:
         """Records the table holds: the capacity asked for, rounded up to whole stripes."""
         return self._layout.capacity
@@ -756,5 +860,5 @@ class SharedMemoryStore:
             return f"SharedMemoryStore({str(self._path)!r}, closed)"
         return (
             f"SharedMemoryStore({str(self._path)!r}, capacity={self.capacity}, "
-            f"used={self.used()}, evictions={self.evictions()}, locking={self._locking})"
+            f"used={self.used()}, evictions={self.evictions()}, locks={self.locks!r})"
         )

@@ -77,6 +77,14 @@ class ProcessStore:
 
     def hit(self, limits: Sequence[Limit], now: float, cost: int) -> CombinedDecision:
         entries = self._entries
+        if len(limits) == 1:
+            key, algorithm = limits[0]
+            entry = entries.get(key)
+            state = None if entry is None else entry[1]
+            decision, new_state = algorithm.decide(state, now, cost)
+            if decision.allowed:
+                self._keep(key, algorithm, new_state, now)
+            return CombinedDecision(decision, 0, (new_state,))
         pairs = []
         for key, algorithm in limits:
             entry = entries.get(key)
@@ -84,11 +92,16 @@ class ProcessStore:
         combined = decide_all(pairs, now, cost)
         if combined.decision.allowed:
             for (key, algorithm), state in zip(limits, combined.states, strict=True):
-                if entries.pop(key, None) is None and len(entries) >= self._max_keys:
-                    self._make_room(now)
-                if state is not None:
-                    entries[key] = (algorithm, state)
+                self._keep(key, algorithm, state, now)
         return combined
+
+    def _keep(self, key: str, algorithm: RateAlgorithm[Any], state: Any, now: float) -> None:
+        """Store `key`'s new state as the most recently admitted (None: forget the key)."""
+        entries = self._entries
+        if entries.pop(key, None) is None and len(entries) >= self._max_keys:
+            self._make_room(now)
+        if state is not None:
+            entries[key] = (algorithm, state)
 
     def peek(self, key: str, algorithm: RateAlgorithm[Any], now: float) -> Decision:
         entry = self._entries.get(key)

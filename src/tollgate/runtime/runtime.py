@@ -250,7 +250,7 @@ def _compile_route(
             echo_request_id = policy.echo  # type: ignore[attr-defined]
 
     def chain(phase: str) -> tuple[Callable[..., Any], ...]:
-        return tuple(getattr(p, phase) for p in policies if phase in p.phases())
+        return tuple(p.handler(phase) for p in policies if phase in p.phases())
 
     return CompiledRoute(
         name=route.name,

@@ -749,8 +749,16 @@ def test_limiter_reprs_show_their_state() -> None:
     assert "in_flight={'k': 1}" in repr(concurrency)
 
 
-def test_decision_is_immutable() -> None:
+def test_decisions_compare_and_replace_by_field() -> None:
     decision = Decision(True, 10, 9, 60.0, 0.0)
-    with pytest.raises(AttributeError):
-        decision.allowed = False  # type: ignore[misc]
     assert decision.delay == 0.0
+    assert decision == Decision(True, 10, 9, 60.0, 0.0)
+    assert decision != Decision(True, 10, 8, 60.0, 0.0)
+    assert decision != (True, 10, 9, 60.0, 0.0, 0.0)
+    assert decision.replace(delay=0.5) == Decision(True, 10, 9, 60.0, 0.0, 0.5)
+    assert decision.replace(retry_after=3.0).retry_after == 3.0
+    assert hash(decision) == hash(Decision(True, 10, 9, 60.0, 0.0))
+    assert repr(decision) == (
+        "Decision(allowed=True, limit=10, remaining=9, reset_after=60.0, retry_after=0.0, "
+        "delay=0.0)"
+    )

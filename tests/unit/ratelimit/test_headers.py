@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tollgate.ratelimit.algorithms import Decision, FixedWindow, TokenBucket
+from tollgate.ratelimit.algorithms import CombinedDecision, Decision, FixedWindow, TokenBucket
 from tollgate.ratelimit.headers import (
     LimitHeaders,
     limit_fields,
@@ -19,6 +19,7 @@ from tollgate.ratelimit.headers import (
     sf_string,
     whole_seconds,
 )
+from tollgate.ratelimit.limiter import CompiledLimits, LimitSpecView
 
 PER_SECOND = LimitHeaders.render("per-second", 20, 2.0)
 PER_HOUR = LimitHeaders.render("per-hour", 1000, 3600.0)
@@ -129,3 +130,23 @@ def test_a_fixed_window_refusal_is_told_the_rest_of_the_window() -> None:
     assert not decision.allowed
     assert retry_after_seconds(decision.retry_after, 60) == 40
     assert whole_seconds(decision.reset_after) == 40
+
+
+@given(
+    remaining=st.integers(min_value=0, max_value=10**12),
+    reset=st.floats(min_value=-1.0, max_value=1e7, allow_nan=False),
+    which=st.sampled_from([0, 1]),
+)
+def test_the_rendered_block_is_the_fields_serialised(
+    remaining: int, reset: float, which: int
+) -> None:
+    limits = CompiledLimits(
+        [
+            LimitSpecView("per-second", "fixed-window", "f", FixedWindow(20, 2.0), 20, 2.0),
+            LimitSpecView("per-50%", "token-bucket", "t", TokenBucket(10, 100), 100, 10.0),
+        ],
+        "scope",
+    )
+    combined = CombinedDecision(Decision(True, 20, remaining, reset, 0.0), which, (None, None))
+    serialised = b"".join(name + b": " + value + b"\r\n" for name, value in limits.fields(combined))
+    assert limits.block(combined) == serialised

@@ -30,6 +30,7 @@ from tollgate.ratelimit import (
     TokenBucket,
     WindowCount,
     decide_all,
+    shm,
 )
 from tollgate.ratelimit.shm import (
     HEADER_SIZE,
@@ -38,6 +39,11 @@ from tollgate.ratelimit.shm import (
     SharedMemoryStore,
 )
 
+try:
+    from tollgate.ratelimit import _shmtable as COMPILED  # type: ignore[attr-defined]
+except ImportError:  # a pure-Python build
+    COMPILED = None
+
 NOW = 1_700_000_000.0
 # Long enough for a loaded machine; a wedged store fails the test instead of hanging it.
 PROCESS_TIMEOUT = 30.0
@@ -45,8 +51,21 @@ PROCESS_TIMEOUT = 30.0
 FORK = multiprocessing.get_context("fork")
 
 
+@pytest.fixture(params=["mutex", "fcntl"])
+def locks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every store test runs with each kind of stripe lock: the compiled primitives' robust
+    mutexes, and the pure-Python build's fcntl locks and struct codec."""
+    if request.param == "fcntl":
+        monkeypatch.setattr(shm, "_C", None)
+    elif shm._C is None:
+        if os.environ.get("TOLLGATE_PURE_PYTHON") == "1":
+            pytest.skip("a pure-Python build has no compiled primitives")
+        pytest.fail("the compiled primitives (tollgate.ratelimit._shmtable) are not built")
+    return str(request.param)
+
+
 @pytest.fixture
-def path(tmp_path: Path) -> Path:
+def path(tmp_path: Path, locks: str) -> Path:
     return tmp_path / "ratelimit.shm"
 
 
@@ -181,7 +200,8 @@ def test_a_store_without_locks_decides_as_one_with_them(path: Path, tmp_path: Pa
         for step in range(10):
             now = NOW + step / 7
             assert locked.hit([("k", bucket)], now, 1) == unlocked.hit([("k", bucket)], now, 1)
-        assert "locking=False" in repr(unlocked)
+        assert unlocked.locks == "none"
+        assert "locks='none'" in repr(unlocked)
 
 
 def test_a_store_opened_by_path_sees_what_another_wrote(path: Path) -> None:
@@ -290,8 +310,10 @@ def test_a_closed_store_says_so(path: Path) -> None:
 
 
 def changed_record(before: bytes, after: bytes) -> slice:
-    """The 64-byte record a write changed, from the file's bytes before and after it."""
-    first = next(i for i, (x, y) in enumerate(zip(before, after, strict=True)) if x != y)
+    """The 64-byte record a write changed, from the file's bytes before and after it (the
+    records start on the page after the header and counters; a mutex changes in between)."""
+    pairs = enumerate(zip(before, after, strict=True))
+    first = next(i for i, (x, y) in pairs if x != y and i >= 2 * HEADER_SIZE)
     start = first - first % 64
     return slice(start, start + 64)
 
@@ -317,12 +339,20 @@ def test_a_torn_record_counts_as_empty(path: Path) -> None:
         assert store.hit([("acme", window)], NOW, 1).decision.remaining == 2
 
 
-def test_garbage_everywhere_past_the_header_is_survived(path: Path) -> None:
+def test_garbage_everywhere_past_the_header_is_survived(path: Path, locks: str) -> None:
     bucket = TokenBucket(rate=1, burst=3)
     with SharedMemoryStore.create(path, 128) as store:
+        original = path.read_bytes()
+        garbage = bytearray(random.Random(7).randbytes(len(original) - HEADER_SIZE))
+        if locks == "mutex":
+            # Only the pthread library writes a stripe's mutex, and a holder's death cannot
+            # tear it (the robust-mutex protocol); a stray write to one is not survived.
+            for line in range(0, 2 * 64, 64):
+                mutex = slice(line + shm._MUTEX_AT, line + 64)
+                garbage[mutex] = original[HEADER_SIZE:][mutex]
         with open(path, "r+b") as file:
             file.seek(HEADER_SIZE)
-            file.write(random.Random(7).randbytes(path.stat().st_size - HEADER_SIZE))
+            file.write(garbage)
         for key in [f"client-{n}" for n in range(200)]:
             assert store.hit([(key, bucket)], NOW, 2).decision.remaining == 1
         # Torn records and counters were reused and restarted; then each stripe of 64 evicted
@@ -472,5 +502,55 @@ def test_an_error_inside_a_hit_leaves_the_stripe_unlocked(path: Path) -> None:
 def test_the_repr_shows_the_table(store: SharedMemoryStore) -> None:
     store.hit([("acme", TokenBucket(rate=1, burst=1))], NOW, 1)
     assert repr(store) == (
-        f"SharedMemoryStore({str(store.path)!r}, capacity=1024, used=1, evictions=0, locking=True)"
+        f"SharedMemoryStore({str(store.path)!r}, capacity=1024, used=1, evictions=0, "
+        f"locks={store.locks!r})"
     )
+    assert store.locks == ("mutex" if shm._C is not None else "fcntl")
+
+
+# -- the compiled primitives -----------------------------------------------------------------
+
+
+def die_holding_a_stripe(path: Path, key: str) -> None:
+    store = SharedMemoryStore.open(path)
+    store._take(store._place(key))
+    os._exit(0)  # no unlock, no close: as a worker killed mid-update
+
+
+def test_a_worker_dead_holding_a_stripe_lock_does_not_wedge_the_others(path: Path) -> None:
+    window = FixedWindow(5, 60)
+    with SharedMemoryStore.create(path, 64) as store:
+        store.hit([("acme", window)], NOW, 1)
+        child = FORK.Process(target=die_holding_a_stripe, args=(path, "acme"))
+        child.start()
+        child.join(PROCESS_TIMEOUT)
+        assert child.exitcode == 0
+        results: list[Decision] = []
+        hitter = threading.Thread(
+            target=lambda: results.append(store.hit([("acme", window)], NOW, 1).decision),
+            daemon=True,
+        )
+        hitter.start()
+        hitter.join(PROCESS_TIMEOUT)
+        assert [decision.remaining for decision in results] == [3]
+
+
+def test_the_compiled_and_the_pure_codec_read_each_others_records(
+    path: Path, locks: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = [
+        ("a", FixedWindow(10, 60)),
+        ("a", SlidingWindowCounter(10, 60)),
+        ("a", TokenBucket(rate=2, burst=10)),
+        ("a", LeakyBucket(rate=2, max_delay=5)),
+        ("a", Concurrency(10)),
+    ]
+    with SharedMemoryStore.create(path, 64) as store:
+        for _ in range(3):
+            store.hit(limits, NOW, 1)
+        expected = [store.peek(key, algorithm, NOW) for key, algorithm in limits]
+    # Read back by the other codec (the pure one when the store was written compiled).
+    monkeypatch.setattr(shm, "_C", None if locks == "mutex" else COMPILED)
+    with SharedMemoryStore.open(path, locking=False) as reader:
+        assert [reader.peek(key, algorithm, NOW) for key, algorithm in limits] == expected
+        assert expected[0].remaining == 6  # 3 counted, and the peek's own request
