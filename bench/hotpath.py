@@ -6,7 +6,8 @@ microseconds per request. What it leaves out is the event loop and the four syst
 every proxied request costs (read, write upstream, read upstream, write): that part is the
 same for any design, so this number is the one to drive down.
 
-    python bench/hotpath.py [--keyauth] [--ratelimit [local|process]] [--post] [-n 100000] [--profile]
+    python bench/hotpath.py [--keyauth] [--ratelimit [local|process]] [--post]
+                            [-n 100000] [--profile]
 """
 
 from __future__ import annotations
