@@ -413,13 +413,16 @@ class SharedMemoryStore:
     # -- lifecycle
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], capacity: int, *, locking: bool = True) -> Self:
+    def create(
+        cls, path: str | os.PathLike[str], capacity: object, *, locking: bool = True
+    ) -> Self:
         """Make a new, empty store of at least `capacity` records at `path`, and open it.
 
         An existing file at `path` is replaced (processes that have it open keep the old one).
         Capacity is rounded up to whole stripes; the file takes 64 bytes per record plus about
         a byte per record of header and counters.
         """
+        # `object`, checked here: a compiled signature would refuse a wrong type less clearly.
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise ValueError(f"capacity is a number of records, not {capacity!r}")
         if not 1 <= capacity <= MAX_CAPACITY:
