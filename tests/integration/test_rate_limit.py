@@ -141,11 +141,21 @@ def test_a_token_bucket_without_a_rate_is_a_located_config_error() -> None:
     assert problem.message == "token-bucket needs `rate` (units per second)"
 
 
-def test_the_redis_store_is_refused_until_it_exists() -> None:
+def test_the_redis_store_without_cluster_redis_fails_to_compile() -> None:
     data = config("http://127.0.0.1:9", {"limits": [PER_MINUTE], "store": "redis"})
+    with pytest.raises(ValueError, match=r"`store: redis` but `cluster\.redis` is not set"):
+        Gateway(parse_config_data(data), clock=FakeClock())
+
+
+def test_a_bad_redis_url_is_a_config_error_that_does_not_repeat_it() -> None:
+    data = config("http://127.0.0.1:9", {"limits": [PER_MINUTE], "store": "redis"})
+    data["cluster"] = {"redis": "http://user:s3cret@cache:6379"}
     with pytest.raises(ConfigError) as info:
         parse_config_data(data)
-    assert "Redis store" in info.value.problems[0].message
+    [problem] = info.value.problems
+    assert problem.path == "cluster.redis"
+    assert "redis://" in problem.message
+    assert "s3cret" not in str(info.value)
 
 
 def test_the_node_wide_store_refuses_the_sliding_window_log_at_its_path() -> None:
@@ -196,17 +206,19 @@ def test_plans_true_without_any_plans_fails_to_compile() -> None:
 # -- counting and headers -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("store", ["local", "process"])
+@pytest.mark.parametrize("store", ["local", "process", "redis"])
 async def test_six_a_minute_admits_six_and_refuses_the_seventh(
     upstream: RecordingUpstream,
     start: Starter,
     http: aiohttp.ClientSession,
     clock: FakeClock,
     store: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    gateway = await start(
-        config(upstream.url, {"limits": [PER_MINUTE], "by": "ip", "store": store})
-    )
+    data = config(upstream.url, {"limits": [PER_MINUTE], "by": "ip", "store": store})
+    if store == "redis":
+        data["cluster"] = {"redis": request.getfixturevalue("redis").url}
+    gateway = await start(data)
     replies = [await get(http, gateway) for _ in range(7)]
 
     assert [reply.status for reply in replies] == [200] * 6 + [429]

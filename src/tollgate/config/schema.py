@@ -24,6 +24,7 @@ from tollgate.config.base import Model
 from tollgate.config.units import Duration, Size
 from tollgate.policies import registry
 from tollgate.policies.rate_limit import PlanRateLimitConfig
+from tollgate.ratelimit.resp import RedisAddress
 from tollgate.ratelimit.shm import MAX_CAPACITY
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -119,7 +120,31 @@ class AdminSettings(Model):
 
 
 class ClusterSettings(Model):
-    redis: str | None = Field(None, description="redis://... shared by every node.")
+    redis: str | None = Field(
+        None,
+        description="redis://[[user]:password@]host[:port][/db] or rediss://... shared by "
+        "every node (rate-limit counters with `store: redis`).",
+    )
+    redis_timeout: Duration = Field(
+        0.1,
+        gt=0,
+        description="Longest wait for Redis' answer; past it the call fails and each policy's "
+        "`on_store_error` decides.",
+    )
+    redis_connections: int = Field(
+        2, ge=1, le=64, description="Connections to Redis per worker (commands are pipelined)."
+    )
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                RedisAddress.parse(value)
+            except ValueError as exc:
+                # The URL may hold a password: the message names it without repeating it.
+                raise ValueError(str(exc).replace(repr(value), "the URL")) from None
+        return value
 
 
 # -- upstreams -----------------------------------------------------------------------------

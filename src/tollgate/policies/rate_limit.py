@@ -6,7 +6,10 @@ own settings. A request is counted under a key (`by`: consumer, ip, header... se
 name and settings, so two policies never share counters while a reload that keeps a limit
 keeps its counters. The store decides on all the limits at once: `local` (the default) is the
 node's shared-memory store (`tollgate.ratelimit.shm`), one count for every worker of the node;
-`process` is a dict per worker (`tollgate.ratelimit.store`).
+`process` is a dict per worker (`tollgate.ratelimit.store`); `redis` is one count for every
+node (`tollgate.ratelimit.redis_store`), decided in one round trip, with `on_store_error`
+choosing between a per-worker fallback and a 503 while Redis cannot answer. What runs per
+request is in `tollgate.ratelimit.limiter` (compiled).
 
 With `plans: true`, a consumer whose plan (top-level `plans`) has a `rate-limit` section is
 limited by the plan's limits instead of the policy's own.
@@ -36,7 +39,12 @@ from tollgate.ratelimit.algorithms import (
     TokenBucket,
 )
 from tollgate.ratelimit.keys import KeyBuilder, TrustedProxies, check_key_spec, parse_networks
-from tollgate.ratelimit.limiter import CompiledLimits, LimitSpecView, RequestLimiter
+from tollgate.ratelimit.limiter import (
+    CompiledLimits,
+    LimitSpecView,
+    RedisLimiter,
+    RequestLimiter,
+)
 from tollgate.ratelimit.shm import SharedMemoryStore
 from tollgate.ratelimit.store import Store, process_store
 from tollgate.runtime.context import CompileContext
@@ -265,8 +273,14 @@ class RateLimitConfig(Model):
     headers: bool = Field(True, description="Send RateLimit-Policy, RateLimit, X-RateLimit-*.")
     store: Literal["local", "process", "redis"] = Field(
         "local",
-        description="Where counters live: local (one count for every worker of the node) or "
-        "process (each worker counts on its own).",
+        description="Where counters live: local (one count for every worker of the node), "
+        "process (each worker counts on its own) or redis (one count for every node, in "
+        "`cluster.redis`).",
+    )
+    on_store_error: Literal["allow", "deny"] = Field(
+        "allow",
+        description="With `store: redis`, while Redis cannot answer: allow (each worker "
+        "limits on its own meanwhile) or deny (503 with Retry-After).",
     )
 
     @field_validator("by")
@@ -285,16 +299,6 @@ class RateLimitConfig(Model):
     @classmethod
     def _trusted_proxies(cls, value: list[str]) -> list[str]:
         parse_networks(value)
-        return value
-
-    @field_validator("store")
-    @classmethod
-    def _store(cls, value: str) -> str:
-        if value == "redis":
-            raise ValueError(
-                "store `redis` (counters shared by every node) needs the Redis store and "
-                "`cluster.redis`, which this version does not have yet; use `local` or `process`"
-            )
         return value
 
     @model_validator(mode="after")
@@ -362,20 +366,40 @@ class RateLimit(Policy):
                 except ValueError as exc:
                     raise ValueError(f"rate-limit with plan {plan_name!r}: {exc}") from None
                 by_plan[plan_name] = compiled_limits(plan.rate_limit.limits, scope)
-        self.limiter = RequestLimiter(
-            own,
-            by_plan,
-            key,
-            self._pick_store(config, context),
-            context.clock,
-            cost=config.cost,
-            status=config.status,
-            headers=config.headers,
-        )
+        store = self._pick_store(config, context)
+        if config.store == "redis":
+            if context.redis_store is None:
+                raise ValueError(
+                    "rate-limit has `store: redis` but `cluster.redis` is not set "
+                    '(e.g. cluster: {redis: "redis://127.0.0.1:6379/0"})'
+                )
+            self.limiter: RequestLimiter = RedisLimiter(
+                own,
+                by_plan,
+                key,
+                context.redis_store(),
+                store,
+                context.clock,
+                cost=config.cost,
+                status=config.status,
+                headers=config.headers,
+                allow_on_error=config.on_store_error == "allow",
+            )
+        else:
+            self.limiter = RequestLimiter(
+                own,
+                by_plan,
+                key,
+                store,
+                context.clock,
+                cost=config.cost,
+                status=config.status,
+                headers=config.headers,
+            )
 
     @staticmethod
     def _pick_store(config: RateLimitConfig, context: CompileContext) -> Store:
-        if config.store == "process":
+        if config.store != "local":  # a Redis store's fallback is the worker's own
             return process_store(context.clock)
         if context.shared_store is None:
             raise ValueError("rate-limit has `store: local` but nothing provides the node's store")
@@ -388,7 +412,7 @@ class RateLimit(Policy):
             return self.limiter.log
         return super().handler(phase)
 
-    def access(self, ex: Exchange) -> GatewayResponse | Awaitable[None] | None:
+    def access(self, ex: Exchange) -> GatewayResponse | Awaitable[GatewayResponse | None] | None:
         return self.limiter.access(ex)
 
     def log(self, ex: Exchange) -> None:

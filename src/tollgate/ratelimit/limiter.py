@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from tollgate.clock import Clock
 from tollgate.http.responses import GatewayResponse, error_response
@@ -28,6 +28,8 @@ from tollgate.ratelimit.headers import (
     retry_after_seconds,
 )
 from tollgate.ratelimit.keys import KeyBuilder
+from tollgate.ratelimit.redis_store import RedisStore
+from tollgate.ratelimit.resp import StoreUnavailable
 from tollgate.ratelimit.store import Limit, Store
 
 if TYPE_CHECKING:
@@ -129,7 +131,17 @@ class CompiledLimits:
 class RequestLimiter:
     """Admits or refuses each request of a route against its limits, in a store."""
 
-    __slots__ = ("_by_plan", "_clock", "_cost", "_headers", "_key", "_own", "_status", "store")
+    __slots__ = (
+        "_by_plan",
+        "_clock",
+        "_cost",
+        "_headers",
+        "_key",
+        "_own",
+        "_status",
+        "rejected",
+        "store",
+    )
 
     def __init__(
         self,
@@ -151,6 +163,8 @@ class RequestLimiter:
         self._cost = cost
         self._status = status
         self._headers = headers
+        # Requests refused by a limit: the policy's rejection count, for metrics.
+        self.rejected = 0
 
     def limits_for(self, ex: Exchange) -> CompiledLimits | None:
         """The limits that apply to `ex`: its consumer's plan's, else the policy's own."""
@@ -161,14 +175,27 @@ class RequestLimiter:
                 return by_plan.get(consumer.plan, self._own)
         return self._own
 
-    def access(self, ex: Exchange) -> GatewayResponse | Awaitable[None] | None:
+    def access(self, ex: Exchange) -> GatewayResponse | Awaitable[GatewayResponse | None] | None:
         limits = self.limits_for(ex)
         if limits is None:
             return None
         keyed = limits.keyed(self._key(ex))
         combined = self.store.hit(keyed, self._clock.wall(), self._cost)
+        return self.outcome(ex, limits, keyed, combined, self.store)
+
+    def outcome(
+        self,
+        ex: Exchange,
+        limits: CompiledLimits,
+        keyed: list[Limit],
+        combined: CombinedDecision,
+        store: object,
+    ) -> GatewayResponse | Awaitable[None] | None:
+        """What `access` answers once `store` has decided `combined` on `ex`: the refusal,
+        or the fields to send (and the leaky bucket's wait)."""
         decision = combined.decision
         if not decision.allowed:
+            self.rejected += 1
             return error_response(
                 self._status,
                 "rate_limited",
@@ -178,7 +205,12 @@ class RequestLimiter:
                 retry_after=retry_after_seconds(decision.retry_after, limits.never),
             )
         if limits.concurrency:
-            self._hold(ex, tuple([keyed[index][0] for index in limits.concurrency]))
+            keys = tuple([keyed[index][0] for index in limits.concurrency])
+            held = (keys, self._cost, store)
+            if ex.policy_notes is None:
+                ex.policy_notes = {HELD_NOTE: held}
+            else:
+                ex.policy_notes[HELD_NOTE] = held
         if self._headers:
             ex.add_response_block(limits.block(combined))
         if decision.delay > 0:
@@ -194,17 +226,105 @@ class RequestLimiter:
         held = notes.pop(HELD_NOTE, None)
         if held is None:
             return
-        keys, cost = held
-        for key in keys:
-            self.store.release(key, cost)
-
-    def _hold(self, ex: Exchange, keys: tuple[str, ...]) -> None:
-        held = (keys, self._cost)
-        if ex.policy_notes is None:
-            ex.policy_notes = {HELD_NOTE: held}
-        else:
-            ex.policy_notes[HELD_NOTE] = held
+        keys, cost, store = held
+        release_all(store, keys, cost)
 
     def __repr__(self) -> str:
         plans = sorted(self._by_plan) if self._by_plan is not None else None
         return f"RequestLimiter(own={self._own!r}, plans={plans}, key={self._key!r})"
+
+
+def release_all(store: object, keys: tuple[str, ...], cost: int) -> None:
+    """Give back concurrency slots held under `keys` in `store` (a Redis store's release is
+    sent in the background: the log phase never waits)."""
+    if isinstance(store, RedisStore):
+        for key in keys:
+            task = asyncio.ensure_future(store.release(key, cost))
+            task.add_done_callback(_ignore_outcome)
+    else:
+        local = cast(Store, store)
+        for key in keys:
+            local.release(key, cost)
+
+
+def _ignore_outcome(task: asyncio.Future[None]) -> None:
+    # A release Redis did not get is not retried: the slot's key expires (RedisStore).
+    if not task.cancelled():
+        task.exception()
+
+
+class RedisLimiter(RequestLimiter):
+    """A `RequestLimiter` on the Redis store: one round trip per request, awaited.
+
+    When Redis cannot answer (`StoreUnavailable`: down, or no reply within the store's
+    timeout), `on_store_error` decides: `allow` keeps limiting with this worker's own
+    `fallback` store (each worker of each node counts on its own meanwhile), `deny` refuses
+    with 503 and `Retry-After`. Both are counted.
+    """
+
+    __slots__ = ("allow_on_error", "denied", "fallback", "fallbacks", "remote")
+
+    def __init__(
+        self,
+        own: CompiledLimits | None,
+        by_plan: dict[str, CompiledLimits] | None,
+        key: KeyBuilder,
+        remote: RedisStore,
+        fallback: Store,
+        clock: Clock,
+        *,
+        cost: int,
+        status: int,
+        headers: bool,
+        allow_on_error: bool,
+    ) -> None:
+        super().__init__(
+            own, by_plan, key, fallback, clock, cost=cost, status=status, headers=headers
+        )
+        self.remote = remote
+        self.fallback = fallback
+        self.allow_on_error = allow_on_error
+        # Requests decided by the fallback store, and requests refused, while Redis was out.
+        self.fallbacks = 0
+        self.denied = 0
+
+    def access(self, ex: Exchange) -> GatewayResponse | Awaitable[GatewayResponse | None] | None:
+        limits = self.limits_for(ex)
+        if limits is None:
+            return None
+        return self._remote(ex, limits, limits.keyed(self._key(ex)))
+
+    async def _remote(
+        self, ex: Exchange, limits: CompiledLimits, keyed: list[Limit]
+    ) -> GatewayResponse | None:
+        try:
+            combined = await self.remote.hit(keyed, self._cost)
+        except StoreUnavailable:
+            if not self.allow_on_error:
+                self.denied += 1
+                return error_response(
+                    503,
+                    "rate_limit_unavailable",
+                    "Rate limits cannot be checked right now",
+                    ex.request_id,
+                    retry_after=1,
+                )
+            self.fallbacks += 1
+            combined = self.fallback.hit(keyed, self._clock.wall(), self._cost)
+            store: object = self.fallback
+        else:
+            store = self.remote
+            if ex.t_end and combined.decision.allowed and limits.concurrency:
+                # The client left while Redis answered: its log phase has run already.
+                keys = tuple([keyed[index][0] for index in limits.concurrency])
+                release_all(store, keys, self._cost)
+                return None
+        result = self.outcome(ex, limits, keyed, combined, store)
+        if result is None or isinstance(result, GatewayResponse):
+            return result
+        await result  # the leaky bucket's wait
+        return None
+
+    def __repr__(self) -> str:
+        plans = sorted(self._by_plan) if self._by_plan is not None else None
+        return f"RedisLimiter(own={self._own!r}, plans={plans}, remote={self.remote!r})"

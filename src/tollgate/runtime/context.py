@@ -12,6 +12,7 @@ from tollgate.clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
     from tollgate.config.schema import Consumer, Plan
+    from tollgate.ratelimit.redis_store import RedisStore
     from tollgate.ratelimit.store import Store
 
 
@@ -84,3 +85,6 @@ class CompileContext:
     # The store every worker of the node shares (`store: local`), opened on first call; None
     # where nothing provides one.
     shared_store: Callable[[], Store] | None = None
+    # This worker's connection to the cluster's Redis (`store: redis`), made on first call;
+    # None when `cluster.redis` is not set.
+    redis_store: Callable[[], RedisStore] | None = None

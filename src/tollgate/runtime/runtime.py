@@ -20,6 +20,7 @@ from tollgate.errors import ConfigError, ConfigProblem
 from tollgate.http.headers import REQUEST_DROP
 from tollgate.http.upstream import Pool
 from tollgate.policies.base import Policy, registry
+from tollgate.ratelimit.redis_store import RedisStore
 from tollgate.ratelimit.store import ProcessStore, Store
 from tollgate.routing.router import Router, RouteSpec
 from tollgate.runtime.context import CompileContext, ConsumerEntry, ConsumerIndex
@@ -226,6 +227,7 @@ def _compile_route(
     consumers: ConsumerIndex,
     clock: Clock,
     shared_store: Callable[[], Store] | None,
+    redis_store: Callable[[], RedisStore] | None,
 ) -> CompiledRoute:
     context = CompileContext(
         consumers=consumers,
@@ -234,6 +236,7 @@ def _compile_route(
         route=route.name,
         plans=config.plans,
         shared_store=shared_store,
+        redis_store=redis_store,
     )
     policies = _effective_policies(config, service, route, context)
     drop = set(REQUEST_DROP)
@@ -270,12 +273,43 @@ def _compile_route(
     )
 
 
+def redis_store_factory(
+    config: Config, clock: Clock | None = None
+) -> Callable[[], RedisStore] | None:
+    """A factory of one `RedisStore` for `config.cluster` (made on first call, then the same;
+    it connects on first use), or None without `cluster.redis`. `clock=None`: Redis time."""
+    cluster = config.cluster
+    url = cluster.redis
+    if url is None:
+        return None
+    made: list[RedisStore] = []
+
+    def store() -> RedisStore:
+        if not made:
+            made.append(
+                RedisStore(
+                    url,
+                    timeout=cluster.redis_timeout,
+                    max_connections=cluster.redis_connections,
+                    clock=clock,
+                )
+            )
+        return made[0]
+
+    return store
+
+
 def check_compiles(config: Config, source: str) -> None:
     """Raise ConfigError if the config passes validation but cannot be compiled (a route the
     router refuses, an unknown anonymous consumer...): `check` and `serve` report it up front."""
     try:
         # The runtime is thrown away: a store of its own stands in for the node's.
-        compile_config(config, PoolRegistry(), shared_store=ProcessStore)
+        compile_config(
+            config,
+            PoolRegistry(),
+            shared_store=ProcessStore,
+            redis_store=redis_store_factory(config),
+        )
     except ValueError as exc:
         raise ConfigError([ConfigProblem(source, "", str(exc))]) from None
 
@@ -287,6 +321,7 @@ def compile_config(
     version: int = 1,
     clock: Clock = SYSTEM_CLOCK,
     shared_store: Callable[[], Store] | None = None,
+    redis_store: Callable[[], RedisStore] | None = None,
 ) -> Runtime:
     """Build a Runtime. Raises ValueError (with the route named) for what validation could not
     catch, such as a route the router cannot compile; the caller keeps the old runtime then.
@@ -304,7 +339,7 @@ def compile_config(
             where = f"services[{service_index}].routes[{route_index}] ({service.name}/{route.name})"
             try:
                 compiled = _compile_route(
-                    config, service, route, group, consumers, clock, shared_store
+                    config, service, route, group, consumers, clock, shared_store, redis_store
                 )
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None

@@ -17,7 +17,7 @@ import ssl
 import struct
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -26,6 +26,7 @@ from tollgate.clock import SYSTEM_CLOCK, Clock
 from tollgate.config.schema import Config
 from tollgate.http.ids import reseed
 from tollgate.http.server import ClientConnection
+from tollgate.ratelimit.redis_store import RedisStore
 from tollgate.runtime.runtime import PoolRegistry, Runtime, compile_config
 from tollgate.runtime.shared_state import SharedState
 
@@ -127,6 +128,9 @@ class Gateway:
         self.shared_state = shared_state or SharedState(
             None, capacity=config.gateway.shared_state.capacity, locking=False
         )
+        # This worker's connections to the cluster's Redis, by settings: kept across reloads
+        # (counters live in Redis; a reload must not drop the connections).
+        self._redis: dict[tuple[str, float, int], RedisStore] = {}
         runtime = self._compile(config, self.version)
         self.state = WorkerState(runtime, self.pools)
         self.server: asyncio.Server | None = None
@@ -170,7 +174,29 @@ class Gateway:
             version=version,
             clock=self.clock,
             shared_store=self.shared_state.store,
+            redis_store=self._redis_store(config),
         )
+
+    def _redis_store(self, config: Config) -> Callable[[], RedisStore] | None:
+        cluster = config.cluster
+        url = cluster.redis
+        if url is None:
+            return None
+        settings = (url, cluster.redis_timeout, cluster.redis_connections)
+
+        def store() -> RedisStore:
+            made = self._redis.get(settings)
+            if made is None:
+                made = self._redis[settings] = RedisStore(
+                    url,
+                    timeout=cluster.redis_timeout,
+                    max_connections=cluster.redis_connections,
+                    # Redis' own time, unless a test drives the gateway with a clock of its own.
+                    clock=None if self.clock is SYSTEM_CLOCK else self.clock,
+                )
+            return made
+
+        return store
 
     async def _sweep(self) -> None:
         while True:
@@ -211,6 +237,9 @@ class Gateway:
             # Their cleanup (a concurrency slot's release) still uses the store closed below.
             await asyncio.wait(tasks, timeout=CLOSE_TASKS_TIMEOUT)
         self.shared_state.close()
+        for store in self._redis.values():
+            await store.close()
+        self._redis.clear()
 
     def __repr__(self) -> str:
         return f"Gateway(version={self.version}, {self.state!r})"
