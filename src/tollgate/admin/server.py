@@ -1,4 +1,4 @@
-"""Admin API (control plane, not the request path): health, status, reload.
+"""Admin API (control plane, not the request path): health, status, reload, rate-limit counters.
 
 Closed unless `admin.token` is set: without a token every endpoint but `/health` answers 403;
 with one, requests need `Authorization: Bearer <token>` (compared in constant time).
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from tollgate import __version__
-from tollgate.errors import ConfigError
+from tollgate.errors import ConfigError, TollgateError
 
 if TYPE_CHECKING:
     from tollgate.runtime.supervisor import Supervisor
@@ -92,12 +92,57 @@ async def reload(request: web.Request) -> web.Response:
     return web.json_response({"reloaded": True, "config_version": version})
 
 
+def _rate_limit_target(request: web.Request) -> tuple[Any, str, str]:
+    from tollgate.ratelimit.inspect import find_limiter
+
+    supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
+    policy = f"{request.match_info['service']}/{request.match_info['route']}"
+    client = request.match_info["key"]
+    return find_limiter(supervisor.inspector().runtime, policy), policy, client
+
+
+async def rate_limit_key(request: web.Request) -> web.Response:
+    """`GET /admin/rate-limits/{service}/{route}/{key}`: every limit's state for a client key."""
+    from tollgate.ratelimit.inspect import read_key, store_kind
+
+    supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
+    try:
+        limiter, policy, client = _rate_limit_target(request)
+        states = await read_key(limiter, client, supervisor.inspector().clock)
+    except TollgateError as exc:
+        return _error(exc.status, exc.error_type, str(exc))
+    return web.json_response(
+        {
+            "policy": policy,
+            "key": client,
+            "store": store_kind(limiter),
+            "limits": [state.to_dict() for state in states],
+        }
+    )
+
+
+async def reset_rate_limit_key(request: web.Request) -> web.Response:
+    """`DELETE /admin/rate-limits/{service}/{route}/{key}`: forget a client key's counters."""
+    from tollgate.ratelimit.inspect import reset_key
+
+    try:
+        limiter, policy, client = _rate_limit_target(request)
+        count = await reset_key(limiter, client)
+    except TollgateError as exc:
+        return _error(exc.status, exc.error_type, str(exc))
+    return web.json_response({"policy": policy, "key": client, "reset": count})
+
+
 async def start_admin(supervisor: Supervisor, listen: str) -> web.AppRunner:
     app = web.Application(middlewares=[_guard])
     app[SUPERVISOR] = supervisor
     app.router.add_get("/health", health)
     app.router.add_get("/admin/status", status)
     app.router.add_post("/admin/reload", reload)
+    # The key is the rest of the path: a `path` key part may hold slashes.
+    rate_limits = "/admin/rate-limits/{service}/{route}/{key:.+}"
+    app.router.add_get(rate_limits, rate_limit_key)
+    app.router.add_delete(rate_limits, reset_rate_limit_key)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, _, port = listen.rpartition(":")

@@ -78,6 +78,7 @@ class CompiledLimits:
         "concurrency",
         "headers",
         "messages",
+        "names",
         "never",
         "policy",
         "prefixes",
@@ -86,6 +87,7 @@ class CompiledLimits:
 
     def __init__(self, specs: Sequence[LimitSpecView], scope: str) -> None:
         self.prefixes = tuple(f"{scope}|{spec.name}|{spec.fingerprint}|" for spec in specs)
+        self.names = tuple(spec.name for spec in specs)
         self.algorithms = tuple(spec.algorithm for spec in specs)
         self.concurrency = tuple(
             index for index, spec in enumerate(specs) if spec.kind == "concurrency"
@@ -132,13 +134,13 @@ class RequestLimiter:
     """Admits or refuses each request of a route against its limits, in a store."""
 
     __slots__ = (
-        "_by_plan",
         "_clock",
         "_cost",
         "_headers",
         "_key",
-        "_own",
         "_status",
+        "by_plan",
+        "own",
         "rejected",
         "store",
     )
@@ -155,8 +157,8 @@ class RequestLimiter:
         status: int,
         headers: bool,
     ) -> None:
-        self._own = own
-        self._by_plan = by_plan
+        self.own = own
+        self.by_plan = by_plan
         self._key = key
         self.store = store
         self._clock = clock
@@ -168,12 +170,12 @@ class RequestLimiter:
 
     def limits_for(self, ex: Exchange) -> CompiledLimits | None:
         """The limits that apply to `ex`: its consumer's plan's, else the policy's own."""
-        by_plan = self._by_plan
+        by_plan = self.by_plan
         if by_plan is not None:
             consumer = ex.consumer
             if consumer is not None and consumer.plan is not None:
-                return by_plan.get(consumer.plan, self._own)
-        return self._own
+                return by_plan.get(consumer.plan, self.own)
+        return self.own
 
     def access(self, ex: Exchange) -> GatewayResponse | Awaitable[GatewayResponse | None] | None:
         limits = self.limits_for(ex)
@@ -230,8 +232,8 @@ class RequestLimiter:
         release_all(store, keys, cost)
 
     def __repr__(self) -> str:
-        plans = sorted(self._by_plan) if self._by_plan is not None else None
-        return f"RequestLimiter(own={self._own!r}, plans={plans}, key={self._key!r})"
+        plans = sorted(self.by_plan) if self.by_plan is not None else None
+        return f"RequestLimiter(own={self.own!r}, plans={plans}, key={self._key!r})"
 
 
 def release_all(store: object, keys: tuple[str, ...], cost: int) -> None:
@@ -326,5 +328,5 @@ class RedisLimiter(RequestLimiter):
         return None
 
     def __repr__(self) -> str:
-        plans = sorted(self._by_plan) if self._by_plan is not None else None
-        return f"RedisLimiter(own={self._own!r}, plans={plans}, remote={self.remote!r})"
+        plans = sorted(self.by_plan) if self.by_plan is not None else None
+        return f"RedisLimiter(own={self.own!r}, plans={plans}, remote={self.remote!r})"

@@ -22,8 +22,8 @@ from typing import Any
 from tollgate.config.schema import Config
 from tollgate.errors import ConfigError
 from tollgate.runtime.runtime import check_compiles
-from tollgate.runtime.shared_state import NodeStateFile
-from tollgate.runtime.worker import encode_message, read_message
+from tollgate.runtime.shared_state import NodeStateFile, SharedState
+from tollgate.runtime.worker import Gateway, encode_message, read_message
 
 log = logging.getLogger("tollgate.supervisor")
 
@@ -89,6 +89,20 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.admin: Any = None
         self.shared_state: NodeStateFile | None = None  # made by run(), before any worker
+        # The config compiled here too, never serving: what the admin API reads rate-limit
+        # counters through (the node's shared memory, the cluster's Redis). Made on first use.
+        self._inspector: Gateway | None = None
+
+    def inspector(self) -> Gateway:
+        """A gateway on the live config that never listens, for the admin API's reads."""
+        if self._inspector is None:
+            assert self.shared_state is not None
+            shared = SharedState(
+                str(self.shared_state.path), capacity=self.shared_state.capacity, locking=True
+            )
+            self._inspector = Gateway(self.config, shared_state=shared)
+            self._inspector.version = self.version
+        return self._inspector
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -121,6 +135,7 @@ class Supervisor:
                     "shared_state": str(self.shared_state.path),
                     # Counted from the slots, not the config: a reload never changes it.
                     "workers": len(self.workers),
+                    "worker": handle.slot,  # its number in call records and file names
                 }
             )
         )
@@ -210,6 +225,12 @@ class Supervisor:
             self.config = config
             self.data = data
             self.reloads += 1
+            if self._inspector is not None:
+                try:
+                    self._inspector.reload(config)
+                    self._inspector.version = version
+                except ValueError as exc:  # compiled above already: not expected
+                    log.error("the admin API's view of the new config failed: %s", exc)
             if failures:
                 raise ReloadFailed("; ".join(failures))
             log.info("config version %d is live in %d workers", version, len(self.workers))
@@ -272,6 +293,8 @@ class Supervisor:
         await self._stop_workers(self.config.gateway.drain_timeout)
         if self.admin is not None:
             await self.admin.cleanup()
+        if self._inspector is not None:
+            await self._inspector.close()
         return 0
 
     async def _stop_workers(self, grace: float) -> None:
