@@ -279,12 +279,12 @@ class MergedCollector:
             ("store_fallbacks", "Requests decided by a worker's own store while Redis was out."),
             ("store_denials", "Requests refused because Redis could not answer (deny)."),
         ):
-            family = CounterMetricFamily(
+            policy_family = CounterMetricFamily(
                 f"tollgate_rate_limit_{name}", help_text, labels=["policy"]
             )
             for policy, counts in sorted(policies.items()):
-                family.add_metric([policy], counts.get(name, 0))
-            yield family
+                policy_family.add_metric([policy], counts.get(name, 0))
+            yield policy_family
 
         gauges = self.merged["gauges"]
         for name, help_text in (
@@ -324,5 +324,5 @@ def render(merged: Mapping[str, Any], node: Mapping[str, float], version: str) -
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MergedCollector(merged, node, version))  # type: ignore[arg-type]
+    registry.register(MergedCollector(merged, node, version))
     return generate_latest(registry)
