@@ -21,6 +21,7 @@ HOT_PATH = [
     "src/tollgate/http/responses.py",
     "src/tollgate/http/server.py",
     "src/tollgate/http/upstream.py",
+    "src/tollgate/observe/metrics.py",
     # Not ratelimit/algorithms.py: compiled, it crashes the interpreter's garbage collector
     # (a freed object's weak reference) under the property tests; interpreted until found.
     "src/tollgate/ratelimit/headers.py",

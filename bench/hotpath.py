@@ -6,7 +6,12 @@ microseconds per request. What it leaves out is the event loop and the four syst
 every proxied request costs (read, write upstream, read upstream, write): that part is the
 same for any design, so this number is the one to drive down.
 
-    python bench/hotpath.py [--keyauth] [--ratelimit [local|process]] [--post]
+With `--records`, every request also makes its call record and queues it on a running log
+pipeline, as with `logs.enabled` (the default). The time is the process's CPU time, so it
+counts the writer thread's share (taking batches, freeing records) too; its sink writes
+nothing, so what a real sink costs (SQL, files) is left out, as the sockets are.
+
+    python bench/hotpath.py [--keyauth] [--ratelimit [local|process]] [--post] [--records]
                             [-n 100000] [--profile]
 """
 
@@ -24,6 +29,9 @@ from typing import Any
 from tollgate.config.loader import parse_config_data
 from tollgate.http.server import ClientConnection
 from tollgate.http.upstream import UpstreamConnection
+from tollgate.observe.pipeline import LogPipeline
+from tollgate.observe.recorder import CallRecorder
+from tollgate.observe.sinks import Sink
 from tollgate.ratelimit.shm import SharedMemoryStore
 from tollgate.runtime.runtime import PoolRegistry, compile_config
 from tollgate.runtime.worker import WorkerState
@@ -80,8 +88,15 @@ RATE_LIMIT = {
 }
 
 
+class NullSink(Sink):
+    name = "null"
+
+    def write(self, batch: Any) -> None:
+        pass
+
+
 def build(
-    keyauth: bool, ratelimit: str | None = None
+    keyauth: bool, ratelimit: str | None = None, pipeline: LogPipeline | None = None
 ) -> tuple[ClientConnection, FakeTransport, FakeTransport]:
     policies: list[dict[str, Any]] = [{"key-auth": {}}] if keyauth else []
     if ratelimit:
@@ -105,7 +120,10 @@ def build(
     )
     pools = PoolRegistry()
     runtime = compile_config(config, pools, shared_store=node_store)
-    state = WorkerState(runtime, pools)
+    recorder = None
+    if pipeline is not None:
+        recorder = CallRecorder(pipeline.put, node="bench", worker=0)
+    state = WorkerState(runtime, pools, recorder)
     client = ClientConnection(state)
     client_transport = FakeTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
@@ -130,8 +148,14 @@ def node_store() -> SharedMemoryStore:
 _NODE_STORE: SharedMemoryStore | None = None
 
 
-def run(n: int, keyauth: bool, post: bool, ratelimit: str | None = None) -> float:
-    client, client_transport, _ = build(keyauth, ratelimit)
+def run(
+    n: int, keyauth: bool, post: bool, ratelimit: str | None = None, records: bool = False
+) -> float:
+    # A queue with room for the whole run: a full one would measure the cheaper drop.
+    pipeline = LogPipeline([NullSink()], capacity=n) if records else None
+    if pipeline is not None:
+        pipeline.start()
+    client, client_transport, _ = build(keyauth, ratelimit, pipeline)
     request = POST if post else GET
     pool = client.state.runtime.upstreams["mock"].targets[0].pool
     upstream = pool.acquire_idle()
@@ -143,6 +167,8 @@ def run(n: int, keyauth: bool, post: bool, ratelimit: str | None = None) -> floa
     for _ in range(n):
         feed_client(request)
         feed_upstream(RESPONSE)
+    if pipeline is not None:
+        pipeline.close()  # the writer's last batches count too
     elapsed = time.process_time() - start
     assert b" 200 OK" in client_transport.written[-1], client_transport.written[-1][:200]
     assert len(client_transport.written) == n, len(client_transport.written)
@@ -150,16 +176,18 @@ def run(n: int, keyauth: bool, post: bool, ratelimit: str | None = None) -> floa
 
 
 async def main(args: argparse.Namespace) -> None:
-    run(2000, args.keyauth, args.post, args.ratelimit)
+    options = (args.keyauth, args.post, args.ratelimit, args.records)
+    run(2000, *options)
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        run(args.n, args.keyauth, args.post, args.ratelimit)
+        run(args.n, *options)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
-    best = min(run(args.n, args.keyauth, args.post, args.ratelimit) for _ in range(3))
+    best = min(run(args.n, *options) for _ in range(3))
     kind = ("POST 1 KiB" if args.post else "GET") + (" + key-auth" if args.keyauth else "")
     kind += f" + rate-limit ({args.ratelimit} store)" if args.ratelimit else ""
+    kind += " + call record" if args.records else ""
     print(f"{kind}: {best:.2f} us per proxied request (gateway code only, best of 3)")
 
 
@@ -174,6 +202,9 @@ if __name__ == "__main__":
         const="local",
         choices=["local", "process"],
         help="add one sliding-window limit, counted in the node's store (local) or per worker",
+    )
+    parser.add_argument(
+        "--records", action="store_true", help="make and queue a call record per request"
     )
     parser.add_argument("--profile", action="store_true")
     asyncio.run(main(parser.parse_args()))

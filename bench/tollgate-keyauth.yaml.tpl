@@ -3,6 +3,7 @@ version: 1
 gateway: {listen: "127.0.0.1:@PORT@", workers: 1}
 admin: {listen: null}
 storage: "sqlite:///@SYSDIR@/tollgate.db"
+logs: {enabled: false}  # call records are measured by tollgate-full, not here
 upstreams:
   - name: mock
     targets: [{url: "http://127.0.0.1:@MOCK_PORT@"}]

@@ -39,12 +39,18 @@ def _encode(command: tuple[str | bytes | int | float, ...]) -> bytes:
     )
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now, on 127.0.0.1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+# A cluster node also listens on its port + 10000 (the cluster bus): its port must leave room.
+CLUSTER_BUS_OFFSET = 10000
+
+
+def free_port(below: int = 65536) -> int:
+    """A TCP port below `below` that nothing listens on right now, on 127.0.0.1."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port < below:
+            return port
 
 
 class RedisServer:
@@ -60,7 +66,8 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt install redis-server)")
         self.binary = binary
-        self.port = port or free_port()
+        cluster = "--cluster-enabled" in extra
+        self.port = port or free_port(65536 - CLUSTER_BUS_OFFSET if cluster else 65536)
         self.extra = extra
         self.password = password
         self._directory = tempfile.TemporaryDirectory(prefix="tollgate-redis-")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SUPERVISOR = web.AppKey("supervisor", object)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _error(status: int, error_type: str, message: str, **extra: Any) -> web.Response:
@@ -133,12 +134,20 @@ async def reset_rate_limit_key(request: web.Request) -> web.Response:
     return web.json_response({"policy": policy, "key": client, "reset": count})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`: Prometheus text, summed over the node's workers."""
+    supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
+    body = await supervisor.metrics()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 async def start_admin(supervisor: Supervisor, listen: str) -> web.AppRunner:
     app = web.Application(middlewares=[_guard])
     app[SUPERVISOR] = supervisor
     app.router.add_get("/health", health)
     app.router.add_get("/admin/status", status)
     app.router.add_post("/admin/reload", reload)
+    app.router.add_get("/metrics", metrics)
     # The key is the rest of the path: a `path` key part may hold slashes.
     rate_limits = "/admin/rate-limits/{service}/{route}/{key:.+}"
     app.router.add_get(rate_limits, rate_limit_key)

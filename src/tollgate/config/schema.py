@@ -22,6 +22,7 @@ from pydantic import (
 
 from tollgate.config.base import Model
 from tollgate.config.units import Duration, Size
+from tollgate.observe.redaction import DEFAULT_MAX_BODY_BYTES, compile_json_path
 from tollgate.policies import registry
 from tollgate.policies.rate_limit import PlanRateLimitConfig
 from tollgate.ratelimit.resp import RedisAddress
@@ -241,6 +242,139 @@ def _policy_entry_model() -> type[PolicyEntryBase]:
 PolicyEntry = _policy_entry_model()
 
 
+# -- call records --------------------------------------------------------------------------
+
+
+class ServiceLogs(Model):
+    """Per-service captures in call records: off unless turned on, capped, redacted."""
+
+    request_headers: bool = Field(False, description="Keep the request's headers.")
+    response_headers: bool = Field(False, description="Keep the response's headers.")
+    request_body: bool = Field(False, description="Keep the start of the request body.")
+    response_body: bool = Field(False, description="Keep the start of the response body.")
+    max_body: Size = Field(
+        DEFAULT_MAX_BODY_BYTES, description="Bytes of a body kept at most (the rest is noted)."
+    )
+    redact_headers: list[str] = Field(
+        default_factory=list,
+        description="Header names whose values are redacted, beyond Authorization, Cookie, "
+        "Set-Cookie and credential-like names.",
+    )
+    redact_json: list[str] = Field(
+        default_factory=list,
+        description="JSON paths (`$.password`, `messages[*].content`, `..token`) redacted in "
+        "captured JSON bodies.",
+    )
+    query: bool = Field(True, description="Keep the query string (credential-like names redacted).")
+    redact_query: list[str] = Field(
+        default_factory=list, description="Query parameter names whose values are redacted too."
+    )
+
+    @field_validator("redact_json")
+    @classmethod
+    def _json_paths(cls, value: list[str]) -> list[str]:
+        for index, path in enumerate(value):
+            try:
+                compile_json_path(path)
+            except ValueError as exc:
+                # Messages name a value's place, never the value itself.
+                raise ValueError(str(exc).replace(repr(path), f"[{index}]")) from None
+        return value
+
+
+class JsonlSinkSettings(Model):
+    path: str = Field(
+        description="File of JSON lines; `{worker}` becomes the worker's number (each worker "
+        "needs a file of its own: with several workers and no `{worker}`, `-N` is added)."
+    )
+    max_bytes: Size = Field(100 * 1024 * 1024, description="Rotate before passing this; 0 = never.")
+    backup_count: int = Field(5, ge=0, description="Rotated files kept; 0 = never rotate.")
+
+
+class HttpSinkSettings(Model):
+    url: str = Field(description="http(s)://host[:port]/path receiving a JSON array per batch.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra request headers (a collector's token...)."
+    )
+    timeout: Duration = Field(10.0, gt=0, description="Connect and read timeout of each POST.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s?#]+", value):
+            raise ValueError("use http://host[:port]/path or https://...")
+        return value
+
+
+class EmptySinkSettings(Model):
+    """`storage` and `stdout` take no options."""
+
+
+LOG_SINK_KINDS = ("storage", "stdout", "jsonl", "http")
+
+
+class LogSink(Model):
+    """`storage`, `stdout`, `{jsonl: {...}}` or `{http: {...}}`: exactly one sink per item."""
+
+    storage: EmptySinkSettings | None = None
+    stdout: EmptySinkSettings | None = None
+    jsonl: JsonlSinkSettings | None = None
+    http: HttpSinkSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_sink(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {value: {}}
+        if not isinstance(value, dict) or len(value) != 1:
+            raise ValueError("a sink is storage, stdout, {jsonl: {...}} or {http: {...}}")
+        ((name, options),) = value.items()
+        return {name: {} if options is None else options}
+
+    @property
+    def kind(self) -> str:
+        """Which sink this item is: one of LOG_SINK_KINDS."""
+        for kind in LOG_SINK_KINDS:
+            if getattr(self, kind) is not None:
+                return kind
+        raise AssertionError("a validated sink item holds one sink")
+
+
+class LogRetention(Model):
+    """How long the `storage` database keeps what it holds; reckoned hourly."""
+
+    records: Duration = Field(14 * 86400.0, gt=0, description="Raw call records.")
+    minute_rollups: Duration = Field(7 * 86400.0, gt=0, description="Per-minute rollups.")
+    hour_rollups: Duration = Field(90 * 86400.0, gt=0, description="Per-hour rollups.")
+    day_rollups: Duration | None = Field(None, gt=0, description="Per-day rollups; null = forever.")
+
+
+class LogsSettings(Model):
+    """Call records: one per call, queued per worker and written to the sinks in batches."""
+
+    enabled: bool = Field(True, description="Make call records at all (false: a branch only).")
+    sinks: list[LogSink] = Field(
+        default_factory=lambda: [LogSink.model_validate("storage")],
+        description="Where records go: storage, stdout, {jsonl: ...}, {http: ...}.",
+    )
+    queue: int = Field(65536, ge=1, description="Records queued per worker; past it, dropped.")
+    batch_size: int = Field(1000, ge=1, description="Records per write to a sink at most.")
+    flush_interval: Duration = Field(
+        0.2, gt=0, description="Queued records reach the sinks at most this late."
+    )
+    rollups: bool = Field(True, description="Per-minute analytics rollups into `storage`.")
+    retention: LogRetention = Field(default_factory=LogRetention)
+    node: str | None = Field(None, description="Node name in records; default: the host name.")
+
+    @field_validator("sinks")
+    @classmethod
+    def _distinct_sinks(cls, value: list[LogSink]) -> list[LogSink]:
+        for kind in ("storage", "stdout"):
+            if sum(sink.kind == kind for sink in value) > 1:
+                raise ValueError(f"{kind} is listed more than once")
+        return value
+
+
 class Route(Model):
     name: str = Field(pattern=_NAME)
     hosts: list[str] = Field(default_factory=list, description="Exact or *.wildcard hosts.")
@@ -289,6 +423,10 @@ class Service(Model):
     preserve_host: bool = Field(False, description="Send the client's Host upstream.")
     routes: list[Route] = Field(min_length=1)
     policies: list[PolicyEntry] = Field(default_factory=list)  # type: ignore[valid-type]
+    logs: ServiceLogs = Field(
+        default_factory=ServiceLogs,
+        description="What this service's call records keep beyond the defaults (opt-in).",
+    )
 
     @field_validator("path")
     @classmethod
@@ -348,6 +486,7 @@ class Config(Model):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     storage: str = "sqlite:///./tollgate.db"
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    logs: LogsSettings = Field(default_factory=LogsSettings)
     upstreams: list[Upstream] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
     consumers: list[Consumer] = Field(default_factory=list)

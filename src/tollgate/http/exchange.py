@@ -69,6 +69,12 @@ class Exchange:
     # Header lines already serialised (`Name: value\r\n` each), sent after response_headers:
     # a policy that renders its fields from a template adds them in one piece.
     response_block = b""
+    # Call-record captures, for services that opt in (None otherwise): the first bytes of the
+    # request and response bodies, and the response's header pairs.
+    capture_in: bytearray | None = None
+    capture_out: bytearray | None = None
+    captured_response_headers: list[tuple[bytes, bytes]] | None = None
+    capture_limit = 0  # bytes of each body kept at most
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes, bytes]] = []

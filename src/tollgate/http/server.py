@@ -44,6 +44,9 @@ from tollgate.http.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from tollgate.config.schema import ListenerLimits
+    from tollgate.observe.metrics import WorkerMetrics
+    from tollgate.observe.recorder import CallRecorder
+    from tollgate.observe.redaction import CapturePolicy
     from tollgate.runtime.runtime import CompiledRoute, TargetEntry
     from tollgate.runtime.worker import WorkerState
 
@@ -188,6 +191,9 @@ class ClientConnection(asyncio.Protocol):
         self.rx_map: dict[bytes, bytes] = {}
         self.runtime = state.runtime
         self.limits = Limits(state.runtime.limits)
+        # Where every exchange's call record goes; None when `logs.enabled` is false.
+        self.recorder: CallRecorder | None = state.recorder
+        self.metrics: WorkerMetrics = state.metrics
         self.host_raw = b""  # the last Host header and its parsed name: clients repeat it
         self.host = ""
         # The forwarding lines last sent upstream, reused while target and Host stay the same.
@@ -252,14 +258,29 @@ class ClientConnection(asyncio.Protocol):
             up.abandon()
             self._balancer_finished(None)
         ex = self.cur
+        now = _now()
         if ex is not None and not ex.t_end:
-            ex.t_end = _now()
-            if not ex.response_started or not ex.status:
-                ex.status = 499  # the client went away first (nginx's convention)
-                ex.error_type = "client_disconnected"
+            self._cut_short(ex, now)
             self._log(ex)
+            self._record(ex)
         self.cur = None
+        # Requests read but not yet answered end here too, each with a record of its own.
+        for queued in self.pipeline:
+            if queued is not ex:
+                self._cut_short(queued, now)
+                self._record(queued)
         self.pipeline.clear()
+
+    def _cut_short(self, ex: Exchange, now: float) -> None:
+        """End an exchange the connection's end interrupted."""
+        ex.t_end = now
+        if self.tunnel and ex is self.cur:
+            return  # a tunnel ends when either side closes: its 101 stands
+        if not ex.error_type:
+            ex.status = 499  # the client went away first (nginx's convention)
+            ex.error_type = "client_disconnected"
+        # Otherwise the gateway cut it off (a timeout, a protocol error, a shutdown): the
+        # error type says why, the status is what the client was sent, 0 if nothing.
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -322,8 +343,10 @@ class ClientConnection(asyncio.Protocol):
             self.up.resume_reading()
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still read the answer to what it sent.
-        return True if self.cur is not None else None
+        # A half-closed client may still read the answer to what it sent, but not when it
+        # stopped in the middle of a request: that request can never be complete, so the
+        # client is gone (its exchanges end as 499, client_disconnected).
+        return True if self.cur is not None and self.rx is None else None
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -461,6 +484,8 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         size = len(body)
         ex.body_bytes += size
+        if ex.capture_in is not None:
+            _keep(ex.capture_in, body, ex.capture_limit)
         if self.deadline_kind == BODY_DEADLINE:
             self.deadline = _now() + self.limits.body_timeout
         if ex.discard:
@@ -500,8 +525,11 @@ class ClientConnection(asyncio.Protocol):
         if ex.discard:
             ex.discard = False
             return
-        if ex is self.cur and self.up is not None and ex.body_buffer is None and ex.request_chunked:
-            self._to_upstream(_CHUNK_END)
+        up = self.up
+        if ex is self.cur and up is not None and ex.body_buffer is None:
+            if ex.request_chunked:
+                self._to_upstream(_CHUNK_END)
+            up.request_pending = False
 
     # -- request path ----------------------------------------------------------------------
 
@@ -534,6 +562,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _admit(self, ex: Exchange, route: CompiledRoute, path: str) -> None:
         ex.route = route
+        if route.capture is not None:
+            _start_capture(ex, route.capture)
         upstream_path = ex.raw_path if path == ex.path else path.encode("latin-1")
         ex.upstream_path = (
             route.service_path + upstream_path if route.service_path else upstream_path
@@ -732,6 +762,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             data = head
         conn.start(self, ex.method == "HEAD")
+        if not ex.request_complete:
+            conn.request_pending = True  # cleared once the last body byte is forwarded
         self._to_upstream(data)
         if ex.expect_continue and not ex.request_complete:
             self.out.append(_CONTINUE)
@@ -832,6 +864,8 @@ class ClientConnection(asyncio.Protocol):
         assert route is not None
         for step in route.upstream_response:
             step(ex, status, headers)
+        if route.capture is not None:
+            ex.captured_response_headers = headers
         line = _STATUS_LINES.get((status, reason))
         parts: list[bytes] = [line if line is not None else _status_line(status, reason)]
         append = parts.append
@@ -920,6 +954,8 @@ class ClientConnection(asyncio.Protocol):
             if not chunk:
                 return  # held back by a policy; an empty chunk would end a chunked body
         ex.bytes_out += len(chunk)
+        if ex.capture_out is not None:
+            _keep(ex.capture_out, chunk, ex.capture_limit)
         if self.resp_chunked:
             self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
@@ -960,6 +996,8 @@ class ClientConnection(asyncio.Protocol):
                     tail = later(ex, tail)
             if tail:
                 ex.bytes_out += len(tail)
+                if ex.capture_out is not None:
+                    _keep(ex.capture_out, tail, ex.capture_limit)
                 self.out.append(b"%x\r\n%b\r\n" % (len(tail), tail) if self.resp_chunked else tail)
 
     def upstream_failed(self, error: UpstreamError, response_started: bool) -> None:
@@ -1041,6 +1079,10 @@ class ClientConnection(asyncio.Protocol):
         if response.body and ex.method != "HEAD":
             self.out.append(response.body)
             ex.bytes_out += len(response.body)
+            if ex.capture_out is not None:
+                _keep(ex.capture_out, response.body, ex.capture_limit)
+        if route is not None and route.capture is not None:
+            ex.captured_response_headers = [*response.headers, *extra]
         self._finish(ex, keep_alive)
 
     def _client_keep_alive(self, ex: Exchange) -> bool:
@@ -1062,6 +1104,9 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
                 out.clear()
             self._log(ex)
+        # Every exchange ends here or in connection_lost (cut short), and leaves `cur` here:
+        # so each is counted and makes one record.
+        self._record(ex)
         if self.tunnel and self.up is None:
             self._close_after_flush()
             return
@@ -1090,6 +1135,17 @@ class ClientConnection(asyncio.Protocol):
                 step(ex)
             except Exception as exc:  # a log step must never break the connection
                 self.state.log_exception("error in a log phase", exc)
+
+    def _record(self, ex: Exchange) -> None:
+        """Count the finished exchange in the metrics and make its call record (a branch when
+        records are off); neither may ever break the connection."""
+        try:
+            self.metrics.observe(ex)
+            recorder = self.recorder
+            if recorder is not None:
+                recorder.record(ex)
+        except Exception as exc:
+            self.state.log_exception("error counting or recording a call", exc)
 
     def _balancer_finished(self, ex: Exchange | None) -> None:
         target_index = self.target_index
@@ -1124,6 +1180,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is self.cur:
             self.closing = True
             if ex.response_started:
+                ex.error_type = error_type  # recorded when the connection is gone
                 self._close_now()
                 return
             up = self.up
@@ -1218,6 +1275,8 @@ class ClientConnection(asyncio.Protocol):
                 self._protocol_error(408, "request_timeout", "The request body took too long")
                 self._flush()
             else:
+                if ex is not None and not ex.error_type:
+                    ex.error_type = "request_timeout"  # recorded when the connection is gone
                 self._close_now()
 
     def drain(self) -> None:
@@ -1226,6 +1285,14 @@ class ClientConnection(asyncio.Protocol):
         if self.cur is None and self.rx is None:
             self._close_now()
 
+    def abort(self, reason: str) -> None:
+        """Close at once; the exchanges it cuts short are recorded with `reason` as error."""
+        for ex in (self.cur, *self.pipeline):
+            if ex is not None and not ex.t_end and not ex.error_type:
+                ex.error_type = reason
+        if self.transport is not None:
+            self.transport.abort()
+
     @property
     def idle(self) -> bool:
         return self.cur is None and self.rx is None
@@ -1233,6 +1300,25 @@ class ClientConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         state = "idle" if self.idle else ("tunnel" if self.tunnel else "busy")
         return f"ClientConnection({self.client_ip}, {state}, {self.requests} requests)"
+
+
+def _start_capture(ex: Exchange, capture: CapturePolicy) -> None:
+    """Make room for the bodies a service's call records keep (see tollgate.observe)."""
+    ex.capture_limit = capture.max_body_bytes
+    if capture.request_body:
+        kept = bytearray()
+        if ex.body_buffer is not None:  # a pipelined request's body read before its turn
+            for chunk in ex.body_buffer:
+                _keep(kept, chunk, ex.capture_limit)
+        ex.capture_in = kept
+    if capture.response_body:
+        ex.capture_out = bytearray()
+
+
+def _keep(kept: bytearray, data: bytes, limit: int) -> None:
+    room = limit - len(kept)
+    if room > 0:
+        kept += data[:room]
 
 
 def _head_size(url: bytes, ex: Exchange) -> int:

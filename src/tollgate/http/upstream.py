@@ -79,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "pool",
         "reading_paused",
+        "request_pending",
         "reused",
         "sink",
         "transport",
@@ -97,6 +98,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.reading_paused = False
+        # The request's body is not all sent yet (the client is still sending it). If the
+        # response ends first, the upstream may still expect those bytes: the connection is
+        # then out of step and must not carry another request.
+        self.request_pending = False
         self.idle_since = 0.0
         self.deadline = 0.0
 
@@ -213,6 +218,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = head_only
         self._upgrading = False
         self._got_head = False
+        self.request_pending = False
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -260,7 +266,7 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         self.sink = None
         self.deadline = 0.0
-        reusable = keep_alive and not self.closed
+        reusable = keep_alive and not self.closed and not self.request_pending
         if reusable:
             self.pool.release(self)
         else:

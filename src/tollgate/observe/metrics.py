@@ -297,7 +297,7 @@ class MergedCollector:
             yield gauge
         for name, help_text in (
             ("log_records_dropped", "Call records dropped because the log queue was full."),
-            ("log_records_written", "Call records written by every sink."),
+            ("log_records_written", "Call records written, summed over the sinks."),
         ):
             counter = CounterMetricFamily(f"tollgate_{name}", help_text)
             counter.add_metric([], gauges.get(name, 0))

@@ -41,6 +41,7 @@ __all__ = [
     "JsonPath",
     "capture_body",
     "compile_json_path",
+    "query_for_record",
     "redact_headers",
     "redact_json",
     "redact_query",
@@ -118,6 +119,8 @@ class CapturePolicy:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     redact_headers: frozenset[str] = frozenset()  # lower-case names, beyond the built-in ones
     json_paths: tuple[JsonPath, ...] = ()
+    query: bool = True  # keep the query string (credential-like parameters redacted)
+    redact_query: frozenset[str] = frozenset()  # lower-case parameter names, beyond those
 
     @classmethod
     def build(
@@ -131,6 +134,8 @@ class CapturePolicy:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         redact_headers: Iterable[str] = (),
         redact_json_paths: Iterable[str] = (),
+        query: bool = True,
+        redact_query: Iterable[str] = (),
     ) -> CapturePolicy:
         """From config values: header names in any case, JSON paths as text."""
         if max_body_bytes < 0 or max_header_bytes < 0:
@@ -144,6 +149,8 @@ class CapturePolicy:
             max_header_bytes=max_header_bytes,
             redact_headers=frozenset(name.lower() for name in redact_headers),
             json_paths=tuple(compile_json_path(path) for path in redact_json_paths),
+            query=query,
+            redact_query=frozenset(name.lower() for name in redact_query),
         )
 
     @property
@@ -210,6 +217,24 @@ def redact_query(query: str | bytes, *, extra: frozenset[str] = frozenset()) -> 
         if decoded.lower() in extra or is_secret_name(decoded):
             parts[position] = f"{name}={quote(REDACTED)}"
     return "&".join(parts)
+
+
+# Every credential-like name (see `is_secret_name`) holds one of these, lower-cased: a query
+# without any of them, nor a `%` that could hide one, has nothing to redact.
+_QUERY_SECRET_HINTS: Final = (b"key", b"token", b"secret", b"passw", b"authorization", b"cookie")
+
+
+def query_for_record(query: bytes, *, extra: frozenset[str] = frozenset()) -> str:
+    """A raw query string as a record keeps it: `redact_query`'s result, computed only when a
+    parameter could need it (the common query costs a decode and a few byte searches)."""
+    text = query.decode("latin-1")
+    if extra or b"%" in query:
+        return redact_query(text, extra=extra)
+    lower = query.lower()
+    for hint in _QUERY_SECRET_HINTS:
+        if hint in lower:
+            return redact_query(text)
+    return text
 
 
 # -- JSON ------------------------------------------------------------------------------------
@@ -285,15 +310,17 @@ def capture_body(
     content_type: str | None = None,
     max_bytes: int = DEFAULT_MAX_BODY_BYTES,
     json_paths: Sequence[JsonPath] = (),
+    total: int | None = None,
 ) -> str:
     """A body as text for a record: redacted, and cut at `max_bytes` with a note of the rest.
 
     JSON bodies with `json_paths` are parsed, redacted and re-serialised (compact); when such a
     body is longer than `max_bytes` or is not valid JSON, it is replaced by a note, since what
     cannot be parsed cannot be redacted. Form bodies lose credentials' values like a query.
-    Bytes that are not UTF-8 are kept as backslash escapes.
+    Bytes that are not UTF-8 are kept as backslash escapes. `total`: the body's whole size
+    when `body` holds only its first bytes (at least `max_bytes` of them, or all).
     """
-    size = len(body)
+    size = len(body) if total is None else max(total, len(body))
     if json_paths and _is_json(content_type, body):
         if size > max_bytes:
             return f"[{size} bytes of JSON not kept: over the {max_bytes}-byte capture cap]"

@@ -15,10 +15,19 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from tollgate.clock import SYSTEM_CLOCK, Clock
-from tollgate.config.schema import Config, ListenerLimits, PolicyEntryBase, Route, Service, Upstream
+from tollgate.config.schema import (
+    Config,
+    ListenerLimits,
+    PolicyEntryBase,
+    Route,
+    Service,
+    ServiceLogs,
+    Upstream,
+)
 from tollgate.errors import ConfigError, ConfigProblem
 from tollgate.http.headers import REQUEST_DROP
 from tollgate.http.upstream import Pool
+from tollgate.observe.redaction import CapturePolicy
 from tollgate.policies.base import Policy, registry
 from tollgate.ratelimit.redis_store import RedisStore
 from tollgate.ratelimit.store import ProcessStore, Store
@@ -81,6 +90,8 @@ class CompiledRoute:
     max_body_size: int
     request_id_header: bytes
     echo_request_id: bool
+    # What the service's call records capture; None: nothing beyond the defaults.
+    capture: CapturePolicy | None = None
 
     def __repr__(self) -> str:
         return f"CompiledRoute({self.service}/{self.name} -> {self.upstream.name})"
@@ -270,6 +281,23 @@ def _compile_route(
         max_body_size=max_body_size,
         request_id_header=request_id_header,
         echo_request_id=echo_request_id,
+        capture=_capture_policy(service.logs),
+    )
+
+
+def _capture_policy(logs: ServiceLogs) -> CapturePolicy | None:
+    if logs == ServiceLogs():
+        return None  # the common case: the listener then skips every capture step
+    return CapturePolicy.build(
+        request_headers=logs.request_headers,
+        response_headers=logs.response_headers,
+        request_body=logs.request_body,
+        response_body=logs.response_body,
+        max_body_bytes=logs.max_body,
+        redact_headers=logs.redact_headers,
+        redact_json_paths=logs.redact_json,
+        query=logs.query,
+        redact_query=logs.redact_query,
     )
 
 

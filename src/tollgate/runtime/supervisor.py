@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ CRASH_LOOP_WINDOW = 5.0
 RESTART_BACKOFF_MAX = 10.0
 START_TIMEOUT = 30.0
 RELOAD_TIMEOUT = 30.0
+METRICS_TIMEOUT = 5.0
 
 
 def worker_count(config: Config) -> int:
@@ -55,6 +57,10 @@ class WorkerHandle:
     writer: asyncio.StreamWriter | None = None
     started_at: float = 0.0
     replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    # Requests awaiting the worker's answer, by the id they carry (metrics scrapes).
+    pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    # The last metrics the worker reported: kept as a base if the process dies.
+    last_metrics: dict[str, Any] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -92,6 +98,8 @@ class Supervisor:
         # The config compiled here too, never serving: what the admin API reads rate-limit
         # counters through (the node's shared memory, the cluster's Redis). Made on first use.
         self._inspector: Gateway | None = None
+        self._retired_metrics: list[dict[str, Any]] = []
+        self._request_ids = itertools.count(1)
 
     def inspector(self) -> Gateway:
         """A gateway on the live config that never listens, for the admin API's reads."""
@@ -103,6 +111,35 @@ class Supervisor:
             self._inspector = Gateway(self.config, shared_state=shared)
             self._inspector.version = self.version
         return self._inspector
+
+    async def metrics(self) -> bytes:
+        """`GET /metrics`: every worker's counters, summed, in Prometheus' text format."""
+        from tollgate import __version__
+        from tollgate.observe.metrics import merge_snapshots, render
+
+        loop = asyncio.get_running_loop()
+        asked = []
+        for handle in self.workers:
+            process = handle.process
+            if handle.writer is None or process is None or process.returncode is not None:
+                continue
+            request = next(self._request_ids)
+            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            handle.pending[request] = future
+            handle.writer.write(encode_message({"type": "metrics", "id": request}))
+            asked.append((handle, future))
+        for handle, future in asked:
+            try:
+                reply = await asyncio.wait_for(future, METRICS_TIMEOUT)
+                handle.last_metrics = reply["metrics"]
+            except (TimeoutError, ConnectionError) as exc:
+                # A busy or dying worker: its last report stands in (counters never go back).
+                log.warning("worker %d did not report metrics: %s", handle.slot, exc or "timeout")
+        snapshots = [h.last_metrics for h in self.workers if h.last_metrics is not None]
+        merged = merge_snapshots([*snapshots, *self._retired_metrics])
+        alive = sum(1 for h in self.workers if h.process and h.process.returncode is None)
+        node = {"worker_restarts": self.restarts, "config_reloads": self.reloads, "workers": alive}
+        return render(merged, node, __version__)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -140,7 +177,8 @@ class Supervisor:
             )
         )
         await handle.writer.drain()
-        self._track(self._read_replies(handle.reader, replies))
+        handle.pending = {}
+        self._track(self._read_replies(handle.reader, replies, handle.pending))
         try:
             reply = await asyncio.wait_for(replies.get(), START_TIMEOUT)
         except TimeoutError:
@@ -152,15 +190,28 @@ class Supervisor:
         self._track(self._watch(handle, handle.process))
 
     async def _read_replies(
-        self, reader: asyncio.StreamReader, replies: asyncio.Queue[dict[str, Any]]
+        self,
+        reader: asyncio.StreamReader,
+        replies: asyncio.Queue[dict[str, Any]],
+        pending: dict[int, asyncio.Future[dict[str, Any]]],
     ) -> None:
         # The queue is this process's own: a restart gives the handle a new one, and a late
-        # "gone" from the dead worker must not land in it.
+        # "gone" from the dead worker must not land in it. Answers to a request with an id
+        # (a metrics scrape) go to whoever waits for that id, whatever else is in flight.
         while True:
             message = await read_message(reader)
             if message is None:
+                for future in pending.values():
+                    if not future.done():
+                        future.set_exception(ConnectionError("the worker is gone"))
                 await replies.put({"type": "gone"})
                 return
+            request = message.get("id")
+            if request is not None:
+                waiting = pending.pop(int(request), None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(message)
+                continue
             await replies.put(message)
 
     async def _watch(self, handle: WorkerHandle, process: asyncio.subprocess.Process) -> None:
@@ -170,6 +221,10 @@ class Supervisor:
         lived = time.monotonic() - handle.started_at
         log.error("worker %d (pid %d) exited with %s; restarting", handle.slot, process.pid, code)
         self.restarts += 1
+        if handle.last_metrics is not None:
+            # What it counted until the last scrape stays counted: counters never go back.
+            self._retired_metrics.append(handle.last_metrics)
+            handle.last_metrics = None
         delay = 0.0 if lived > CRASH_LOOP_WINDOW else min(RESTART_BACKOFF_MAX, 0.5 * self.restarts)
         await asyncio.sleep(delay)
         if self.stopping:

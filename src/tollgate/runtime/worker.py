@@ -26,6 +26,8 @@ from tollgate.clock import SYSTEM_CLOCK, Clock
 from tollgate.config.schema import Config
 from tollgate.http.ids import reseed
 from tollgate.http.server import ClientConnection
+from tollgate.observe.metrics import WorkerMetrics
+from tollgate.observe.recorder import CallRecorder, WorkerLogs
 from tollgate.ratelimit.redis_store import RedisStore
 from tollgate.runtime.runtime import PoolRegistry, Runtime, compile_config
 from tollgate.runtime.shared_state import SharedState
@@ -51,9 +53,13 @@ def _sweep_interval(config: Config) -> float:
 class WorkerState:
     """What every connection of a worker shares: the current runtime, pools, bookkeeping."""
 
-    def __init__(self, runtime: Runtime, pools: PoolRegistry) -> None:
+    def __init__(
+        self, runtime: Runtime, pools: PoolRegistry, recorder: CallRecorder | None = None
+    ) -> None:
         self.runtime = runtime
         self.pools = pools
+        self.recorder = recorder  # where connections put call records; None: records are off
+        self.metrics = WorkerMetrics()  # what connections count, reported to the supervisor
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
@@ -110,6 +116,24 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+def policy_counts(runtime: Runtime) -> dict[str, dict[str, int]]:
+    """Each rate-limit policy's counts in `runtime`, by policy (`service/route`)."""
+    from tollgate.policies.rate_limit import RateLimit
+    from tollgate.ratelimit.limiter import RedisLimiter
+
+    counts: dict[str, dict[str, int]] = {}
+    for route in runtime.routes:
+        for policy in route.policies:
+            if isinstance(policy, RateLimit):
+                limiter = policy.limiter
+                entry = {"rejections": limiter.rejected}
+                if isinstance(limiter, RedisLimiter):
+                    entry["store_fallbacks"] = limiter.fallbacks
+                    entry["store_denials"] = limiter.denied
+                counts[f"{route.service}/{route.name}"] = entry
+    return counts
+
+
 class Gateway:
     """The data plane of one worker: listener, runtime, reload and drain."""
 
@@ -119,6 +143,8 @@ class Gateway:
         *,
         clock: Clock = SYSTEM_CLOCK,
         shared_state: SharedState | None = None,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
         self.pools = PoolRegistry()
         self.version = 1
@@ -131,11 +157,19 @@ class Gateway:
         # This worker's connections to the cluster's Redis, by settings: kept across reloads
         # (counters live in Redis; a reload must not drop the connections).
         self._redis: dict[tuple[str, float, int], RedisStore] = {}
+        # Rate-limit counts of limiters replaced by reloads, by policy: metrics never go back.
+        self._policy_base: dict[str, dict[str, int]] = {}
         runtime = self._compile(config, self.version)
         self.state = WorkerState(runtime, self.pools)
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._sweep_every = _sweep_interval(config)
+        # Call records: made in start(), in the serving process (the writer is a thread).
+        # `logs` is read at start only: changing it takes a restart.
+        self.worker = worker  # this worker's number on its node, in records and file names
+        self.workers = workers
+        self.logs: WorkerLogs | None = None
+        self._closed = False
 
     @property
     def runtime(self) -> Runtime:
@@ -148,6 +182,12 @@ class Gateway:
         tls = _tls_context(config)
         scheme = b"https" if tls is not None else b"http"
         loop = asyncio.get_running_loop()
+        if config.logs.enabled and self.logs is None:
+            self.logs = WorkerLogs(
+                config.logs, config.storage, worker=self.worker, workers=self.workers
+            )
+            self.logs.start()
+            self.state.recorder = self.logs.recorder
         self.server = await loop.create_server(
             lambda: ClientConnection(self.state, scheme), sock=sock, ssl=tls, backlog=2048
         )
@@ -162,10 +202,37 @@ class Gateway:
         """Compile and swap. On error the exception propagates and the old runtime stays."""
         runtime = self._compile(config, self.version + 1)
         self.version += 1
+        # The old limiters' counts join the base: counters survive the swap.
+        for policy, counts in policy_counts(self.state.runtime).items():
+            base = self._policy_base.setdefault(policy, {})
+            for name, value in counts.items():
+                base[name] = base.get(name, 0) + value
         self.state.runtime = runtime
         self.pools.prune()  # targets gone from the config: their idle connections close now
         self._sweep_every = _sweep_interval(config)
         return runtime
+
+    def report(self) -> dict[str, Any]:
+        """This worker's metrics, for the supervisor to sum (`tollgate.observe.metrics`)."""
+        report = self.state.metrics.snapshot()
+        connections = self.state.connections
+        gauges: dict[str, float] = {
+            "open_connections": len(connections),
+            "in_flight_requests": sum(1 for conn in connections if conn.cur is not None),
+        }
+        if self.logs is not None:
+            stats = self.logs.pipeline.stats()
+            gauges["log_queue_depth"] = stats.queue_depth
+            gauges["log_records_dropped"] = stats.dropped
+            gauges["log_records_written"] = stats.written
+        report["gauges"] = gauges
+        policies = {policy: dict(counts) for policy, counts in self._policy_base.items()}
+        for policy, counts in policy_counts(self.state.runtime).items():
+            into = policies.setdefault(policy, {})
+            for name, value in counts.items():
+                into[name] = into.get(name, 0) + value
+        report["policies"] = policies
+        return report
 
     def _compile(self, config: Config, version: int) -> Runtime:
         return compile_config(
@@ -205,6 +272,8 @@ class Gateway:
             for conn in list(self.state.connections):
                 conn.check_deadline(now)
             self.pools.sweep(now)
+            if self.logs is not None:
+                self.logs.recorder.sync_clock()
 
     async def drain(self, grace: float) -> bool:
         """Stop accepting, let in-flight requests finish up to `grace` seconds; True if all did."""
@@ -222,11 +291,13 @@ class Gateway:
         return finished
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self.server is not None:
             self.server.close()
         for conn in list(self.state.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort("gateway_shutdown")
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.pools.close()
@@ -240,6 +311,11 @@ class Gateway:
         for store in self._redis.values():
             await store.close()
         self._redis.clear()
+        if self.logs is not None:
+            # Aborted connections report their loss on the next loop iteration; their
+            # exchanges' records must be queued before the pipeline stops taking any.
+            await asyncio.sleep(0)
+            await self.logs.aclose()
 
     def __repr__(self) -> str:
         return f"Gateway(version={self.version}, {self.state!r})"
@@ -275,13 +351,19 @@ async def _worker_main(control_fd: int) -> int:
     if first is None or first.get("type") != "start":
         return 3
     config = parse_config_data(first["config"], first.get("source", "<config>"))
-    # The supervisor's file, locked unless this is the node's only worker.
+    # The supervisor's file, locked unless this is the node's only worker and no admin API
+    # (which reads and resets counters from the supervisor) can touch it.
     shared_state = SharedState(
         first["shared_state"],
         capacity=config.gateway.shared_state.capacity,
-        locking=int(first["workers"]) > 1,
+        locking=int(first["workers"]) > 1 or config.admin.listen is not None,
     )
-    gateway = Gateway(config, shared_state=shared_state)
+    gateway = Gateway(
+        config,
+        shared_state=shared_state,
+        worker=int(first.get("worker", 0)),
+        workers=int(first["workers"]),
+    )
     gateway.version = int(first.get("version", 1))
     try:
         await gateway.start(reuse_port=True)
@@ -319,6 +401,10 @@ async def _worker_main(control_fd: int) -> int:
                 except Exception as exc:
                     reply = {"type": "reload_failed", "error": str(exc)}
                 writer.write(encode_message(reply))
+                await writer.drain()
+            elif message.get("type") == "metrics":
+                report = {"type": "metrics", "id": message.get("id"), "metrics": gateway.report()}
+                writer.write(encode_message(report))
                 await writer.drain()
             elif message.get("type") == "stop":
                 stop.set()

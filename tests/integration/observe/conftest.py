@@ -1,32 +1,16 @@
-"""Fixtures for the log store's integration tests: a private PostgreSQL server per session."""
+"""Fixtures for the log store's integration tests: each backend in turn.
+
+The PostgreSQL server (`postgres_server`, `postgres_dsn`) comes from tests/support/
+postgres_fixtures.py, shared with the gateway's call-record tests.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from postgres_server import PostgresServer, find_bin_dir
 
 from tollgate.observe.database import Database, PostgresDatabase, SqliteDatabase
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    if find_bin_dir() is None:
-        pytest.skip("PostgreSQL server binaries are not installed")
-    server = PostgresServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def postgres_dsn(postgres_server: PostgresServer) -> str:
-    """A fresh, empty database on the session's server."""
-    return postgres_server.create_database()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
