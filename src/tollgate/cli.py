@@ -1,4 +1,4 @@
-"""The `tollgate` command: serve, check, init, version."""
+"""The `tollgate` command: serve, check, init, stats, version."""
 
 from __future__ import annotations
 
@@ -84,6 +84,34 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="Overwrite FILE if it exists.")
     init.set_defaults(run=_init)
 
+    stats = commands.add_parser(
+        "stats",
+        help="Print traffic, errors and latency percentiles.",
+        description="Print calls, throughput, error rates, latency percentiles and top routes "
+        "and consumers over a time range, from the analytics rollups in the config's storage "
+        "(the gateway need not be running).",
+    )
+    _config_option(stats)
+    stats.add_argument(
+        "--since",
+        default="1h",
+        metavar="WHEN",
+        help="Start: a duration back from now (15m, 24h, 30d), Unix seconds or ISO 8601 "
+        "(default: 1h).",
+    )
+    stats.add_argument("--until", default="now", metavar="WHEN", help="End (default: now).")
+    stats.add_argument("--service", help="Only this service.")
+    stats.add_argument("--route", help="Only this route.")
+    stats.add_argument("--consumer", help="Only this consumer.")
+    stats.add_argument(
+        "--latency",
+        choices=("total", "gateway", "upstream"),
+        default="total",
+        help="Which latency the percentiles are of (default: total).",
+    )
+    stats.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    stats.set_defaults(run=_stats)
+
     version = commands.add_parser(
         "version", help="Print the version.", description="Print the version."
     )
@@ -122,6 +150,45 @@ def _serve(args: argparse.Namespace) -> int:
     from tollgate.runtime.supervisor import serve
 
     return serve(args.config, config, data, log_format=args.log_format, log_level=args.log_level)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    try:
+        config, _ = read_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CANNOT_START
+    import json
+
+    from tollgate.observe.reports import BadQuery, Reports, render_text
+
+    params = {"start": args.since, "end": args.until, "latency": args.latency}
+    for name in ("service", "route", "consumer"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    try:
+        report = Reports(config.storage).analytics(params)
+    except BadQuery as exc:
+        print(f"tollgate stats: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except Exception as exc:  # the storage cannot be read: say which and why
+        where = _without_password(config.storage)
+        print(f"tollgate stats: cannot read {where}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    print(json.dumps(report.to_dict(), indent=2) if args.json else render_text(report))
+    return EXIT_OK
+
+
+def _without_password(url: str) -> str:
+    """`url` with any password replaced: a storage URL may carry one."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -263,3 +263,12 @@ def test_check_reports_a_route_the_router_cannot_compile(
     first, summary = capsys.readouterr().out.splitlines()
     assert first.startswith(f"{path}: route 'services[0].routes[0] (demo/all)': path '/o/{{id}}x'")
     assert summary == f"{path}: 1 problem"
+
+
+def test_a_storage_urls_password_is_never_printed() -> None:
+    from tollgate.cli import _without_password
+
+    assert (
+        _without_password("postgresql://app:s3cret@db:5432/gw") == "postgresql://app:***@db:5432/gw"
+    )
+    assert _without_password("sqlite:///./tollgate.db") == "sqlite:///./tollgate.db"

@@ -8,6 +8,7 @@ gives it robust HTTP handling for free.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -141,6 +142,33 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+async def analytics(request: web.Request) -> web.Response:
+    """`GET /admin/analytics?start=&end=&service=&route=&consumer=&step=&latency=&top=`."""
+    from tollgate.observe.reports import BadQuery
+
+    supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
+    params = dict(request.query)
+    try:
+        report = await asyncio.to_thread(supervisor.reports().analytics, params)
+    except BadQuery as exc:
+        return _error(400, "bad_query", str(exc))
+    return web.json_response(report.to_dict())
+
+
+async def logs(request: web.Request) -> web.Response:
+    """`GET /admin/logs?start=&end=&status=&service=&route=&consumer=&request_id=&limit=`
+    (and `cursor=`, from the previous page's `next_cursor`)."""
+    from tollgate.observe.reports import BadQuery
+
+    supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
+    params = dict(request.query)
+    try:
+        page = await asyncio.to_thread(supervisor.reports().logs, params)
+    except BadQuery as exc:
+        return _error(400, "bad_query", str(exc))
+    return web.json_response(page)
+
+
 async def start_admin(supervisor: Supervisor, listen: str) -> web.AppRunner:
     app = web.Application(middlewares=[_guard])
     app[SUPERVISOR] = supervisor
@@ -148,6 +176,8 @@ async def start_admin(supervisor: Supervisor, listen: str) -> web.AppRunner:
     app.router.add_get("/admin/status", status)
     app.router.add_post("/admin/reload", reload)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/analytics", analytics)
+    app.router.add_get("/admin/logs", logs)
     # The key is the rest of the path: a `path` key part may hold slashes.
     rate_limits = "/admin/rate-limits/{service}/{route}/{key:.+}"
     app.router.add_get(rate_limits, rate_limit_key)

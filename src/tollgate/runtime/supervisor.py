@@ -18,13 +18,16 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tollgate.config.schema import Config
 from tollgate.errors import ConfigError
 from tollgate.runtime.runtime import check_compiles
 from tollgate.runtime.shared_state import NodeStateFile, SharedState
 from tollgate.runtime.worker import Gateway, encode_message, read_message
+
+if TYPE_CHECKING:
+    from tollgate.observe.reports import Reports
 
 log = logging.getLogger("tollgate.supervisor")
 
@@ -99,7 +102,16 @@ class Supervisor:
         # counters through (the node's shared memory, the cluster's Redis). Made on first use.
         self._inspector: Gateway | None = None
         self._retired_metrics: list[dict[str, Any]] = []
+        self._reports: Reports | None = None
         self._request_ids = itertools.count(1)
+
+    def reports(self) -> Reports:
+        """Analytics and record search on the live config's `storage` (made on first use)."""
+        from tollgate.observe.reports import Reports
+
+        if self._reports is None or self._reports.storage != self.config.storage:
+            self._reports = Reports(self.config.storage)
+        return self._reports
 
     def inspector(self) -> Gateway:
         """A gateway on the live config that never listens, for the admin API's reads."""
