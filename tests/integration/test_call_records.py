@@ -327,3 +327,19 @@ def test_the_consumer_and_key_of_the_mix_are_what_records_name() -> None:
     config = parse_config_data(mixed_config("http://a:1", "http://b:1", "http://c:1", limit=1))
     assert config.consumers[0].name == CONSUMER
     assert config.consumers[0].keys[0].get_secret_value() == KEY
+
+
+async def test_a_refused_calls_record_names_the_limit_that_refused_it(
+    start_gateway: GatewayStarter, upstream: RecordingUpstream, tmp_path: Path
+) -> None:
+    config = _plain(upstream.url)
+    per_minute = {"name": "per-minute", "algorithm": "token-bucket", "rate": 0.001, "burst": 1}
+    config["services"][0]["policies"] = [{"rate-limit": {"limits": [per_minute], "by": "ip"}}]
+    gateway = await start_gateway(config)
+    for name in ("first", "second"):
+        await _exchange(gateway.port, request("GET", "/items", [("X-Request-Id", name)]))
+    await gateway.close()
+    rows = {row["request_id"]: row for row in _rows(tmp_path / "tollgate.db")}
+    assert rows["first"]["status"] == 200 and rows["first"]["policies"] is None
+    assert rows["second"]["status"] == 429
+    assert json.loads(rows["second"]["policies"]) == {"rate-limit": "per-minute"}

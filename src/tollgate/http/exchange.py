@@ -40,6 +40,8 @@ class Exchange:
     credential_id = ""
     upstream_remove: set[bytes] | None = None
     policy_notes: dict[str, Any] | None = None
+    # What policies decided that the call record keeps, e.g. {"rate-limit": "per-minute"}.
+    outcomes: dict[str, Any] | None = None
     # Receive-side state, kept here so that pipelined requests queue with their bodies.
     body_buffer: list[bytes] | None = None
     buffered = 0

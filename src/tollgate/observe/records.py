@@ -240,7 +240,7 @@ def exchange_record(
             connect_ms,
             first_byte_ms,
             upstream_ms,
-            policies,
+            policies if policies is not None else ex.outcomes,
             request_headers,
             response_headers,
             request_body,

@@ -198,6 +198,11 @@ class RequestLimiter:
         decision = combined.decision
         if not decision.allowed:
             self.rejected += 1
+            name = limits.names[combined.limit_index]
+            if ex.outcomes is None:
+                ex.outcomes = {"rate-limit": name}
+            else:
+                ex.outcomes["rate-limit"] = name
             return error_response(
                 self._status,
                 "rate_limited",
@@ -304,6 +309,10 @@ class RedisLimiter(RequestLimiter):
         except StoreUnavailable:
             if not self.allow_on_error:
                 self.denied += 1
+                if ex.outcomes is None:
+                    ex.outcomes = {"rate-limit": "store-unavailable"}
+                else:
+                    ex.outcomes["rate-limit"] = "store-unavailable"
                 return error_response(
                     503,
                     "rate_limit_unavailable",
