@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tollgate.config.loader import parse_config_data
+from tollgate.http.exchange import Exchange
 from tollgate.observe.metrics import DURATION_BUCKETS, WorkerMetrics, merge_snapshots, render
+from tollgate.runtime.runtime import PoolRegistry, compile_config
+
+
+def _route() -> Any:
+    config = parse_config_data(
+        {
+            "upstreams": [{"name": "backend", "targets": [{"url": "http://127.0.0.1:9"}]}],
+            "services": [{"name": "api", "upstream": "backend", "routes": [{"name": "main"}]}],
+        }
+    )
+    [route] = compile_config(config, PoolRegistry()).routes
+    return route
+
+
+ROUTE = _route()
 
 
 def exchange(
@@ -17,22 +33,22 @@ def exchange(
     total: float = 0.02,
     upstream: float | None = 0.015,
     error: str = "",
-    route: tuple[str, str] | None = ("api", "main"),
+    routed: bool = True,
     body: int = 10,
     out: int = 100,
-) -> Any:
+) -> Exchange:
     start = 1000.0
-    return SimpleNamespace(
-        route=None if route is None else SimpleNamespace(service=route[0], name=route[1]),
-        status=status,
-        source=source,
-        error_type=error,
-        t_start=start,
-        t_end=start + total,
-        t_upstream_start=0.0 if upstream is None else start + total - upstream,
-        body_bytes=body,
-        bytes_out=out,
-    )
+    ex = Exchange()
+    ex.route = ROUTE if routed else None
+    ex.status = status
+    ex.source = source
+    ex.error_type = error
+    ex.t_start = start
+    ex.t_end = start + total
+    ex.t_upstream_start = 0.0 if upstream is None else start + total - upstream
+    ex.body_bytes = body
+    ex.bytes_out = out
+    return ex
 
 
 def families(text: bytes) -> dict[str, Any]:
@@ -50,7 +66,7 @@ def test_counts_and_histograms_of_two_workers_add_up() -> None:
     first.observe(exchange(401, source="gateway", upstream=None, error="unauthorized"))
     second.observe(exchange(200, total=2.0, upstream=1.5))
     second.observe(exchange(502, source="gateway", error="upstream_unavailable"))
-    second.observe(exchange(404, source="gateway", upstream=None, route=None))
+    second.observe(exchange(404, source="gateway", upstream=None, routed=False))
 
     merged = merge_snapshots([first.snapshot(), second.snapshot()])
     parsed = families(render(merged, {"worker_restarts": 1, "config_reloads": 2}, "9.9"))
