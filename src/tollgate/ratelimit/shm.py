@@ -48,6 +48,16 @@ size: fixed-window, quota, sliding-window, token-bucket, leaky-bucket and concur
 sliding-window log keeps up to `limit` timestamps per key and is not supported: `hit` and
 `check_algorithm` reject it with a `ValueError`.
 
+Deciding. With the compiled primitives, a request with one limit of a fixed-window,
+sliding-window, token-bucket, leaky-bucket or concurrency kind is one C call
+(`_shmtable.hit`): lock the stripe, find the record, decide, write the new state, unlock, and
+back come the decision's fields. The C is those algorithms again, operation for operation, so
+its decisions and the states it writes are theirs bit for bit (the tests check both against
+the pure algorithms by hypothesis, and that the table fills, reuses and evicts slots byte for
+byte as the Python path does). Quotas (time zones), requests with several limits, and the rare
+request the C hands back (a time or cost out of its range) are decided by the algorithms in
+Python, between a locked read and a write.
+
 Layout of the file (little-endian), all offsets in bytes:
 
     header    [0, 4096)             magic "TGSHMRL1", format version, record size, stripes,
@@ -96,9 +106,13 @@ from tollgate.ratelimit.algorithms import (
     CombinedDecision,
     Concurrency,
     Decision,
+    FixedWindow,
+    LeakyBucket,
     QueueState,
     RateAlgorithm,
     SlidingCounterState,
+    SlidingWindowCounter,
+    TokenBucket,
     WindowCount,
     decide_all,
 )
@@ -124,6 +138,9 @@ MAX_CAPACITY: Final = 1 << 24
 # Keys whose digest and place a store remembers (a few hundred bytes each), cleared when full:
 # hashing is a tenth of a hit, and the same keys come back request after request.
 LOCATION_CACHE_SIZE: Final = 4096
+# Algorithms whose codec and C parameters a store remembers, cleared when full: a gateway has
+# one algorithm object per configured limit, replaced only by a reload.
+DECIDER_CACHE_SIZE: Final = 1024
 
 FREE: Final = 0
 # One tag per algorithm kind: a key's records under two kinds are two records.
@@ -255,6 +272,41 @@ def _pack(compiled: Any, codec: _Codec, digest: bytes, state: Any, expires: floa
     return body + _CRC.pack(zlib.crc32(body))
 
 
+# Parameters of a limit that `_shmtable.hit` decides: its kind's tag, an integer and two
+# floats (the C's `Params`; see `_c_params`).
+_C_PARAMS = struct.Struct("<qqdd")
+# Where a key's record is, for `_shmtable.hit` (after the key's 16-byte digest): the stripe's
+# first byte, the home slot's, the stripe's counter line (its mutex at `_MUTEX_AT` in it), the
+# slots per stripe, and whether to lock that mutex. Packed once per key, so that a request
+# passes one bytes object rather than boxing five integers.
+_C_WHERE = struct.Struct("<qqqqq")
+# The C keeps integers (limits, costs, counts) within this, where they are exact as doubles and
+# their sums and differences exact in int64: its arithmetic is then Python's.
+_C_EXACT_INTEGER: Final = 1 << 50
+
+
+def _c_params(algorithm: RateAlgorithm[Any]) -> bytes | None:
+    """`algorithm`'s parameters packed for `_shmtable.hit`, or None if it decides in Python.
+
+    The C reproduces these exact classes (a subclass may decide otherwise); a quota's periods
+    need time zones, and a limit past 2**50 leaves the range where the C's integers are
+    Python's. The floats are the algorithm's own attributes, not recomputed.
+    """
+    if type(algorithm) is FixedWindow or type(algorithm) is SlidingWindowCounter:
+        limit, first, second = algorithm.limit, algorithm.window, 0.0
+    elif type(algorithm) is TokenBucket:
+        limit, first, second = algorithm.burst, algorithm.rate, algorithm._capacity
+    elif type(algorithm) is LeakyBucket:
+        limit, first, second = algorithm.capacity, algorithm.rate, algorithm._room
+    elif type(algorithm) is Concurrency:
+        limit, first, second = algorithm.limit, algorithm.retry_after, 0.0
+    else:
+        return None
+    if not 1 <= limit <= _C_EXACT_INTEGER:
+        return None
+    return _C_PARAMS.pack(KIND_TAGS[algorithm.kind], limit, first, second)
+
+
 # -- file layout -------------------------------------------------------------------------------
 
 
@@ -351,8 +403,9 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # Where a key lives: its digest, its stripe, the stripe's first byte and its home slot's, the
-# fcntl requests that lock and unlock the stripe, and its mutex's offset (built once).
-_Place = tuple[bytes, int, int, int, bytes, bytes, int]
+# fcntl requests that lock and unlock the stripe, its mutex's offset, and all of that which
+# `_shmtable.hit` needs, packed (`_C_WHERE`; built once).
+_Place = tuple[bytes, int, int, int, bytes, bytes, int, bytes]
 
 
 def _lock_request(mode: int, stripe: int) -> bytes:
@@ -374,6 +427,8 @@ class SharedMemoryStore:
 
     __slots__ = (
         "_c",
+        "_c_hit",
+        "_deciders",
         "_fd",
         "_layout",
         "_locations",
@@ -402,6 +457,12 @@ class SharedMemoryStore:
         self._lock_mode = lock_mode
         # The compiled primitives, if this process has them (fixed when the store is opened).
         self._c: Any = _C
+        # `_shmtable.hit`, looked up once (a module attribute is a dict lookup per call).
+        self._c_hit: Any = None if _C is None else _C.hit
+        # Each algorithm's codec and `_shmtable.hit` parameters (None: decided in Python),
+        # keyed by the algorithm object: a limit's parameters never change once it is built
+        # (a reload builds new ones).
+        self._deciders: dict[RateAlgorithm[Any], tuple[_Codec, bytes | None]] = {}
         self._stripes = layout.stripes
         self._slots = layout.stripe_slots
         self._stripe_bytes = layout.stripe_slots * RECORD_SIZE
@@ -505,9 +566,18 @@ class SharedMemoryStore:
 
         As `decide_all`: admitted only if every limit admits it, and then every limit counts
         it; if any rejects it, none does. Each key may appear once per algorithm kind.
+
+        `states` holds the new states (the old ones if rejected), as `decide_all` has them,
+        except for a single limit decided in C (see `_hit_one_compiled`): there it is empty,
+        the states staying in the table (as the Redis store's stay in Redis). Nothing on the
+        request path reads them; `peek` tells what a key's state says.
         """
         if len(limits) == 1:
             key, algorithm = limits[0]
+            # With fcntl locks (a file made without the compiled primitives), the Python path
+            # below takes them.
+            if self._c is not None and self._lock_mode != LOCKS_FCNTL:
+                return self._hit_one_compiled(key, algorithm, now, cost)
             return self._hit_one(key, algorithm, now, cost)
         return self._hit_many(limits, now, cost)
 
@@ -518,10 +588,7 @@ class SharedMemoryStore:
         if self._owner != _process_generation:
             self._refuse()
         place = self._locations.get(key) or self._place(key)
-        compiled = self._c
-        if compiled is not None:
-            return self._hit_one_compiled(compiled, place, codec, algorithm, now, cost)
-        digest, stripe, base, home, _, _, _ = place
+        digest, stripe, base, home, _, _, _, _ = place
         self._take(place)
         try:
             at, fields = self._find(digest, codec, base, home)
@@ -538,6 +605,39 @@ class SharedMemoryStore:
             self._drop(place)
 
     def _hit_one_compiled(
+        self, key: str, algorithm: RateAlgorithm[Any], now: float, cost: int
+    ) -> CombinedDecision:
+        """`_hit_one` with the compiled primitives (mutex locks, or none): one call of
+        `_shmtable.hit` for the kinds it decides, else `_hit_one_split`.
+
+        The C call locks, finds, decides, writes and unlocks; what comes back is the decision's
+        fields, and the one `Decision` and `CombinedDecision` built here are all the objects
+        a request makes. It hands a request back (None) when it cannot decide it exactly as
+        the algorithm would: a time or cost of another type or out of its range, a state no
+        algorithm writes.
+        """
+        decider = self._deciders.get(algorithm)
+        if decider is None:
+            decider = self._decider(algorithm)
+        if self._owner != _process_generation:
+            self._refuse()
+        place = self._locations.get(key) or self._place(key)
+        params = decider[1]
+        if params is not None:
+            decided = self._c_hit(self._map, place[7], params, now, cost)
+            if decided is not None:
+                return CombinedDecision(Decision(*decided), 0, ())
+        return self._hit_one_split(self._c, place, decider[0], algorithm, now, cost)
+
+    def _decider(self, algorithm: RateAlgorithm[Any]) -> tuple[_Codec, bytes | None]:
+        """`algorithm`'s codec and C parameters, worked out on its first request only."""
+        decider = (_codec_for(algorithm), _c_params(algorithm))
+        if len(self._deciders) >= DECIDER_CACHE_SIZE:
+            self._deciders.clear()
+        self._deciders[algorithm] = decider
+        return decider
+
+    def _hit_one_split(
         self,
         compiled: Any,
         place: _Place,
@@ -546,8 +646,9 @@ class SharedMemoryStore:
         now: float,
         cost: int,
     ) -> CombinedDecision:
-        """`_hit_one` in two calls of the compiled primitives: lock and read, write and unlock."""
-        digest, stripe, base, home, _, _, lock_at = place
+        """`_hit_one` in two calls of the compiled primitives: lock and read, write and unlock;
+        the algorithm decides in between (a quota, or a request the C handed back)."""
+        digest, stripe, base, home, _, _, lock_at, _ = place
         if self._lock_mode != LOCKS_MUTEX:
             lock_at = -1
         mapped = self._map
@@ -606,7 +707,7 @@ class SharedMemoryStore:
             pairs: list[tuple[RateAlgorithm[Any], Any]] = []
             for index, (_, algorithm) in enumerate(limits):
                 codec = codecs[index]
-                digest, _, base, home, _, _, _ = places[index]
+                digest, _, base, home, _, _, _, _ = places[index]
                 at, fields = self._find(digest, codec, base, home)
                 found.append(at)
                 pairs.append((algorithm, None if fields is None else codec.state(fields)))
@@ -641,7 +742,7 @@ class SharedMemoryStore:
         for index, packed in writes:
             at = found[index]
             if at < 0:
-                _, stripe, base, home, _, _, _ = places[index]
+                _, stripe, base, home, _, _, _, _ = places[index]
                 at = self._free_slot(stripe, base, home, now, held)
                 if at < 0:
                     continue  # a stripe smaller than the request's limits: as if evicted
@@ -654,7 +755,7 @@ class SharedMemoryStore:
         if self._owner != _process_generation:
             self._refuse()
         place = self._locations.get(key) or self._place(key)
-        digest, _, base, home, _, _, _ = place
+        digest, _, base, home, _, _, _, _ = place
         self._take(place, shared=True)
         try:
             _, fields = self._find(digest, codec, base, home)
@@ -668,7 +769,7 @@ class SharedMemoryStore:
         if self._owner != _process_generation:
             self._refuse()
         place = self._locations.get(key) or self._place(key)
-        digest, _, base, home, _, _, _ = place
+        digest, _, base, home, _, _, _, _ = place
         codec = _CODECS["concurrency"]
         self._take(place)
         try:
@@ -688,7 +789,7 @@ class SharedMemoryStore:
         if self._owner != _process_generation:
             self._refuse()
         place = self._locations.get(key) or self._place(key)
-        digest, _, base, _, _, _, _ = place
+        digest, _, base, _, _, _, _, _ = place
         end = base + self._stripe_bytes
         mapped = self._map
         self._take(place)
@@ -710,6 +811,8 @@ class SharedMemoryStore:
         stripe = high % self._stripes
         base = self._records_at + stripe * self._stripe_bytes
         home = base + low % self._slots * RECORD_SIZE
+        line = HEADER_SIZE + stripe * COUNTER_SIZE
+        locked = self._lock_mode == LOCKS_MUTEX
         place = (
             digest,
             stripe,
@@ -717,7 +820,8 @@ class SharedMemoryStore:
             home,
             _lock_request(fcntl.F_WRLCK, stripe),
             _lock_request(fcntl.F_UNLCK, stripe),
-            HEADER_SIZE + stripe * COUNTER_SIZE + _MUTEX_AT,
+            line + _MUTEX_AT,
+            digest + _C_WHERE.pack(base, home, line, self._slots, locked),
         )
         if len(self._locations) >= LOCATION_CACHE_SIZE:
             self._locations.clear()

@@ -9,14 +9,19 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import threading
+import uuid
+import zlib
 from collections.abc import Iterator
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
 
 from tollgate.ratelimit import (
     CalendarQuota,
@@ -32,9 +37,11 @@ from tollgate.ratelimit import (
     decide_all,
     shm,
 )
+from tollgate.ratelimit.algorithms import _Value
 from tollgate.ratelimit.shm import (
     HEADER_SIZE,
     MAX_CAPACITY,
+    RECORD_SIZE,
     SharedMemoryError,
     SharedMemoryStore,
 )
@@ -75,6 +82,27 @@ def store(path: Path) -> Iterator[SharedMemoryStore]:
         yield store
 
 
+def exactly(value: Any) -> Any:
+    """`value` (a decision, a state) as its fields' types and reprs: 0 and 0.0, or 0.0 and -0.0,
+    compare equal as numbers, not here."""
+    fields = value.values() if isinstance(value, Decision | _Value) else (value,)
+    return tuple((type(field).__name__, repr(field)) for field in fields)
+
+
+def stored_state(store: SharedMemoryStore, key: str, algorithm: RateAlgorithm[Any]) -> Any:
+    """The state `store` holds for `key` under `algorithm`'s kind, read by the pure-Python
+    codec (struct and zlib, whatever wrote it); None if it holds none."""
+    codec = shm._codec_for(algorithm)
+    place = store._place(key)
+    digest, base, home = place[0], place[2], place[3]
+    compiled, store._c = store._c, None
+    try:
+        _, fields = store._find(digest, codec, base, home)
+    finally:
+        store._c = compiled
+    return None if fields is None else codec.state(fields)
+
+
 def fixed_size_algorithms() -> list[RateAlgorithm[Any]]:
     return [
         FixedWindow(10, 60),
@@ -101,8 +129,10 @@ def test_every_fixed_size_state_round_trips_exactly_through_the_store(
     for offset, cost in steps:
         expected = decide_all([(algorithm, state)], NOW + offset, cost)
         combined = store.hit([("client", algorithm)], NOW + offset, cost)
-        assert combined == expected
+        assert exactly(combined.decision) == exactly(expected.decision)
+        assert combined.limit_index == 0
         state = expected.states[0]
+        assert stored_state(store, "client", algorithm) == state
         assert (
             store.peek("client", algorithm, NOW + offset)
             == algorithm.decide(state, NOW + offset)[0]
@@ -554,3 +584,262 @@ def test_the_compiled_and_the_pure_codec_read_each_others_records(
     with SharedMemoryStore.open(path, locking=False) as reader:
         assert [reader.peek(key, algorithm, NOW) for key, algorithm in limits] == expected
         assert expected[0].remaining == 6  # 3 counted, and the peek's own request
+
+
+# -- single limits decided in C, against the pure algorithms (hypothesis) --------------------
+
+# Each example makes a store file of its own: nothing is carried from one to the next.
+EXAMPLES = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+# Windows, rates and hints: mostly everyday values and anything between, and the ends of a
+# double (where most branches are out of reach: the everyday ones are drawn twice as often).
+everyday_durations = st.one_of(
+    st.sampled_from([0.5, 1.0, 2.5, 60.0, 3600.0, 0.1, 0.7, 1 / 3]),
+    st.floats(min_value=1e-3, max_value=1e4),
+)
+durations = st.one_of(
+    everyday_durations,
+    everyday_durations,
+    st.floats(min_value=1e-6, max_value=1e6),
+    st.sampled_from([5e-324, 1e-300, 1e-9, 1e15, 1e300, 1.7e308]),
+)
+max_delays = st.one_of(st.sampled_from([0.0, 0.3, 1.0, 4.0]), st.floats(0, 100))
+# Limits and costs: small ones, and the 2**50 up to which the C decides (past it, Python).
+counts = st.one_of(st.integers(1, 20), st.sampled_from([1, 2**31, 2**50, 2**50 + 1, 2**62]))
+costs = st.one_of(
+    st.integers(1, 3),
+    st.integers(1, 5),
+    st.integers(1, 30),
+    st.sampled_from([2**50, 2**50 + 1, 2**53 + 1, 2**63]),
+)
+algorithms_in_c = st.one_of(
+    st.builds(FixedWindow, counts, durations),
+    st.builds(SlidingWindowCounter, counts, durations),
+    st.builds(TokenBucket, durations, counts),
+    st.tuples(durations, max_delays)
+    .filter(lambda pair: pair[0] * pair[1] < 2**55)  # else no bucket: capacity overflows
+    .map(lambda pair: LeakyBucket(*pair)),
+    st.builds(Concurrency, counts, durations),
+)
+# Wall times: today's, the epoch, before it (Python's % takes the divisor's sign), far ahead.
+starts = st.sampled_from([NOW, NOW + 0.1, 0.0, -1234.5678, 1e15 + 0.5, 2.0**53])
+gaps = st.one_of(
+    st.just(0.0),
+    st.floats(min_value=0, max_value=2),
+    st.floats(min_value=0, max_value=100),
+    st.floats(min_value=-5, max_value=0),  # the wall clock steps back
+    st.sampled_from([5e-324, 1e-9, 2.4e-7]),  # less than a wall time's resolution, and about it
+    st.floats(min_value=-1e5, max_value=1e7),
+)
+# (seconds since the last step, cost, release instead of hit: concurrency limits only).
+arrivals = st.lists(st.tuples(gaps, costs, st.booleans()), min_size=1, max_size=40)
+
+
+def require_compiled() -> None:
+    if shm._C is None:
+        if os.environ.get("TOLLGATE_PURE_PYTHON") == "1":
+            pytest.skip("a pure-Python build has no compiled primitives")
+        pytest.fail("the compiled primitives (tollgate.ratelimit._shmtable) are not built")
+
+
+@EXAMPLES
+@given(algorithm=algorithms_in_c, start=starts, steps=arrivals)
+# Refills that leave 2.2e-16 tokens too few: `remaining` is int(tokens + epsilon), not floor.
+@example(
+    algorithm=TokenBucket(rate=1 / 3, burst=3),
+    start=NOW,
+    steps=[(0.0, 1, False), (1.9, 2, False), (0.0, 1, False), (1.1, 1, False)],
+)
+# A window so long that the previous window's weight overflows to inf.
+@example(
+    algorithm=SlidingWindowCounter(2, 1.7e308),
+    start=-1234.5678,
+    steps=[(0.0, 1, False), (0.0, 1, False), (1235.0, 1, False)],
+)
+def test_single_limits_decide_in_the_store_exactly_as_the_pure_algorithms(
+    tmp_path: Path,
+    locks: str,
+    algorithm: RateAlgorithm[Any],
+    start: float,
+    steps: list[tuple[float, int, bool]],
+) -> None:
+    # Decisions and stored states bit for bit, through admissions, rejections (retry_after
+    # stepped to the first admitting instant, or inf for a cost past the limit), window and
+    # refill changes, clock steps back, and extreme windows, rates and times.
+    path = tmp_path / f"{uuid.uuid4().hex}.shm"
+    with SharedMemoryStore.create(path, 64) as store:
+        state = None
+        now = start
+        for gap, cost, release in steps:
+            now += gap
+            if release and isinstance(algorithm, Concurrency):
+                store.release("client", cost)
+                state = algorithm.release(state, cost)
+            else:
+                try:
+                    expected = decide_all([(algorithm, state)], now, cost)
+                except ArithmeticError as error:
+                    # The algorithm itself fails (a window near the largest double: a weight
+                    # of inf to round up), and so does the store, changing nothing.
+                    with pytest.raises(type(error)):
+                        store.hit([("client", algorithm)], now, cost)
+                    assert exactly(stored_state(store, "client", algorithm)) == exactly(state)
+                    continue
+                combined = store.hit([("client", algorithm)], now, cost)
+                assert exactly(combined.decision) == exactly(expected.decision), (now, cost)
+                assert combined.limit_index == 0
+                # Decided in C, or handed back to Python (a limit or a cost past 2**50).
+                in_c = locks == "mutex" and shm._c_params(algorithm) and cost <= 2**50
+                assert combined.states == (() if in_c else expected.states)
+                state = expected.states[0]
+            assert exactly(stored_state(store, "client", algorithm)) == exactly(state)
+    path.unlink()
+
+
+# Short windows and buckets, so that records expire between steps, and long ones, so that
+# the stripe fills and evicts (records of one window all expire together: ties to break); a
+# quota is decided in Python on both sides.
+TABLE_ALGORITHMS: list[RateAlgorithm[Any]] = [
+    FixedWindow(3, 2.5),
+    FixedWindow(3, 30),
+    SlidingWindowCounter(4, 1.5),
+    SlidingWindowCounter(4, 20),
+    TokenBucket(rate=0.8, burst=3),
+    TokenBucket(rate=0.1, burst=3),
+    LeakyBucket(rate=2, max_delay=1.5),
+    Concurrency(2, 0.7),
+    CalendarQuota(5, "day", "Europe/Paris"),
+]
+table_operations = st.lists(
+    st.one_of(
+        # hit: a key of sixteen, an algorithm, seconds since the last step, a cost (0: refused)
+        st.tuples(
+            st.just("hit"),
+            st.integers(0, 15),
+            st.integers(0, len(TABLE_ALGORITHMS) - 1),
+            st.one_of(st.just(0.0), st.floats(0, 0.5), st.floats(0, 3), st.floats(-2, 0)),
+            st.integers(0, 4),
+        ),
+        st.tuples(
+            st.just("hit"),
+            st.integers(0, 15),
+            st.integers(0, len(TABLE_ALGORITHMS) - 1),
+            st.just(0.0),
+            st.just(1),
+        ),
+        st.tuples(
+            st.just("release"), st.integers(0, 15), st.just(0), st.just(0.0), st.integers(1, 3)
+        ),
+        # tear: flip a byte of a slot (of four), as a writer dying mid-write would leave it
+        st.tuples(st.just("tear"), st.integers(0, 3), st.integers(0, 63), st.just(0.0), st.just(0)),
+    ),
+    min_size=10,
+    max_size=120,
+)
+
+
+def table_bytes(store: SharedMemoryStore) -> bytes:
+    """The records and each stripe's eviction counter (not the mutexes beside them)."""
+    mapped = store._map
+    counters = b"".join(
+        mapped[HEADER_SIZE + stripe * 64 : HEADER_SIZE + stripe * 64 + 12]
+        for stripe in range(store._stripes)
+    )
+    return counters + mapped[store._records_at :]
+
+
+def outcome(
+    store: SharedMemoryStore, key: str, algorithm: RateAlgorithm[Any], now: float, cost: int
+) -> Any:
+    try:
+        combined = store.hit([(key, algorithm)], now, cost)
+    except ValueError as error:
+        return type(error), str(error)
+    return exactly(combined.decision), combined.limit_index
+
+
+@EXAMPLES
+@given(operations=table_operations)
+def test_the_c_fills_and_evicts_the_table_byte_for_byte_as_python_does(
+    tmp_path: Path, operations: list[tuple[str, int, int, float, int]]
+) -> None:
+    # Two copies of one store file (one salt, so one place per key): one decided in C, the other
+    # by the pure-Python path (struct codec, mmap.find, Python's choice of a free slot). After
+    # every step both tables hold the same bytes: new keys take the same slots, expired and
+    # torn records are reused alike, the same records are evicted and counted.
+    require_compiled()
+    name = uuid.uuid4().hex
+    with SharedMemoryStore.create(tmp_path / f"{name}.c.shm", 4) as in_c:  # one stripe of 4
+        shutil.copyfile(tmp_path / f"{name}.c.shm", tmp_path / f"{name}.py.shm")
+        with SharedMemoryStore.open(tmp_path / f"{name}.py.shm", locking=False) as in_python:
+            in_python._c = None
+            now = NOW
+            for action, key_index, index, gap, cost in operations:
+                now += gap
+                key = f"client-{key_index}"
+                if action == "tear":
+                    at = in_c._records_at + key_index * RECORD_SIZE + index
+                    for store in (in_c, in_python):
+                        store._map[at] ^= 0x5A
+                elif action == "release":
+                    in_c.release(key, cost)
+                    in_python.release(key, cost)
+                else:
+                    algorithm = TABLE_ALGORITHMS[index]
+                    decided = outcome(in_c, key, algorithm, now, cost)
+                    assert decided == outcome(in_python, key, algorithm, now, cost)
+                assert table_bytes(in_c) == table_bytes(in_python)
+            assert in_c.evictions() == in_python.evictions()
+            event(f"evictions: {min(in_c.evictions(), 3)}")
+    for suffix in ("c", "py"):
+        (tmp_path / f"{name}.{suffix}.shm").unlink()
+
+
+def test_what_the_c_does_not_take_is_decided_in_python(store: SharedMemoryStore) -> None:
+    # A cost or a limit past 2**50, and a stored count past it (a limit lowered by a reload),
+    # are handed back: decided in Python, the same as ever.
+    window = FixedWindow(10, 60)
+    huge = FixedWindow(2**62, 60)
+    cases: list[tuple[RateAlgorithm[Any], int]] = [
+        (window, 2**50 + 1),
+        (huge, 2**51),  # stores a count past 2**50 for the next one to read
+        (window, 1),
+        (TokenBucket(rate=1, burst=2**51), 1),
+    ]
+    state: dict[str, Any] = {}
+    for algorithm, cost in cases:
+        expected = decide_all([(algorithm, state.get(algorithm.kind))], NOW, cost)
+        combined = store.hit([("client", algorithm)], NOW, cost)
+        assert exactly(combined.decision) == exactly(expected.decision)
+        assert combined.states == expected.states  # the Python path's, states and all
+        state[algorithm.kind] = expected.states[0]
+    assert exactly(stored_state(store, "client", window)) == exactly(state["fixed-window"])
+
+
+def test_a_time_that_is_an_int_decides_as_that_float(store: SharedMemoryStore) -> None:
+    # Interpreted, the C hands an int back to Python; compiled, the store's signature makes it
+    # a float first. Either way the decision is the algorithm's.
+    window = SlidingWindowCounter(3, 60)
+    state = None
+    for now in (1_700_000_000, 1_700_000_001, 1_700_000_061):
+        expected = decide_all([(window, state)], now, 2)
+        assert store.hit([("client", window)], now, 2).decision == expected.decision
+        state = expected.states[0]
+    assert stored_state(store, "client", window) == state
+
+
+def test_a_cost_below_one_is_refused_before_the_c_decides(store: SharedMemoryStore) -> None:
+    for algorithm in fixed_size_algorithms():
+        with pytest.raises(ValueError, match="cost"):
+            store.hit([("client", algorithm)], NOW, 0)
+    assert store.used() == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_the_compiled_crc32_is_zlibs(data: bytes) -> None:
+    # Eight bytes a step in C (a record's 56 are seven steps), a byte a step for the rest.
+    require_compiled()
+    assert shm._C.crc32(data) == zlib.crc32(data)
