@@ -11,8 +11,14 @@ pipeline, as with `logs.enabled` (the default). The time is the process's CPU ti
 counts the writer thread's share (taking batches, freeing records) too; its sink writes
 nothing, so what a real sink costs (SQL, files) is left out, as the sockets are.
 
+With `--tracing [RATIO]`, tracing is on (`tracing.sampling_ratio` RATIO, default 1): every
+request gets its trace context and `traceparent`, and every sampled one its spans, built and
+handed to a batch processor whose exporter encodes each batch as OTLP protobuf and drops it
+(the network is left out). Spans are built as each request ends (no event loop turns here),
+and the processor thread's encoding is counted in the CPU time too.
+
     python bench/hotpath.py [--keyauth] [--ratelimit [local|process]] [--post] [--records]
-                            [-n 100000] [--profile]
+                            [--tracing [RATIO]] [-n 100000] [--profile]
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import time
 from typing import Any
 
 from tollgate.config.loader import parse_config_data
+from tollgate.config.schema import TracingSettings
 from tollgate.http.server import ClientConnection
 from tollgate.http.upstream import UpstreamConnection
 from tollgate.observe.pipeline import LogPipeline
 from tollgate.observe.recorder import CallRecorder
 from tollgate.observe.sinks import Sink
+from tollgate.observe.tracing import Tracing
 from tollgate.ratelimit.shm import SharedMemoryStore
 from tollgate.runtime.runtime import PoolRegistry, compile_config
 from tollgate.runtime.worker import WorkerState
@@ -95,8 +103,24 @@ class NullSink(Sink):
         pass
 
 
+def encoding_exporter() -> Any:
+    """A span exporter that encodes each batch as OTLP/HTTP would, and sends nothing."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class EncodingExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            encode_spans(spans).SerializeToString()
+            return SpanExportResult.SUCCESS
+
+    return EncodingExporter()
+
+
 def build(
-    keyauth: bool, ratelimit: str | None = None, pipeline: LogPipeline | None = None
+    keyauth: bool,
+    ratelimit: str | None = None,
+    pipeline: LogPipeline | None = None,
+    tracing: Tracing | None = None,
 ) -> tuple[ClientConnection, FakeTransport, FakeTransport]:
     policies: list[dict[str, Any]] = [{"key-auth": {}}] if keyauth else []
     if ratelimit:
@@ -124,6 +148,7 @@ def build(
     if pipeline is not None:
         recorder = CallRecorder(pipeline.put, node="bench", worker=0)
     state = WorkerState(runtime, pools, recorder)
+    state.tracing = tracing
     client = ClientConnection(state)
     client_transport = FakeTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
@@ -149,13 +174,22 @@ _NODE_STORE: SharedMemoryStore | None = None
 
 
 def run(
-    n: int, keyauth: bool, post: bool, ratelimit: str | None = None, records: bool = False
+    n: int,
+    keyauth: bool,
+    post: bool,
+    ratelimit: str | None = None,
+    records: bool = False,
+    tracing_ratio: float | None = None,
 ) -> float:
     # A queue with room for the whole run: a full one would measure the cheaper drop.
     pipeline = LogPipeline([NullSink()], capacity=n) if records else None
     if pipeline is not None:
         pipeline.start()
-    client, client_transport, _ = build(keyauth, ratelimit, pipeline)
+    tracing = None
+    if tracing_ratio is not None:
+        settings = TracingSettings(enabled=True, sampling_ratio=tracing_ratio, queue=4 * n)
+        tracing = Tracing(settings, exporter=encoding_exporter())
+    client, client_transport, _ = build(keyauth, ratelimit, pipeline, tracing)
     request = POST if post else GET
     pool = client.state.runtime.upstreams["mock"].targets[0].pool
     upstream = pool.acquire_idle()
@@ -169,6 +203,8 @@ def run(
         feed_upstream(RESPONSE)
     if pipeline is not None:
         pipeline.close()  # the writer's last batches count too
+    if tracing is not None:
+        tracing.provider.shutdown()  # the processor's last batches count too
     elapsed = time.process_time() - start
     assert b" 200 OK" in client_transport.written[-1], client_transport.written[-1][:200]
     assert len(client_transport.written) == n, len(client_transport.written)
@@ -176,7 +212,7 @@ def run(
 
 
 async def main(args: argparse.Namespace) -> None:
-    options = (args.keyauth, args.post, args.ratelimit, args.records)
+    options = (args.keyauth, args.post, args.ratelimit, args.records, args.tracing)
     run(2000, *options)
     if args.profile:
         profiler = cProfile.Profile()
@@ -188,6 +224,7 @@ async def main(args: argparse.Namespace) -> None:
     kind = ("POST 1 KiB" if args.post else "GET") + (" + key-auth" if args.keyauth else "")
     kind += f" + rate-limit ({args.ratelimit} store)" if args.ratelimit else ""
     kind += " + call record" if args.records else ""
+    kind += f" + tracing (ratio {args.tracing})" if args.tracing is not None else ""
     print(f"{kind}: {best:.2f} us per proxied request (gateway code only, best of 3)")
 
 
@@ -205,6 +242,13 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--records", action="store_true", help="make and queue a call record per request"
+    )
+    parser.add_argument(
+        "--tracing",
+        nargs="?",
+        type=float,
+        const=1.0,
+        help="trace every request, sampling this ratio of them (default 1)",
     )
     parser.add_argument("--profile", action="store_true")
     asyncio.run(main(parser.parse_args()))

@@ -375,6 +375,51 @@ class LogsSettings(Model):
         return value
 
 
+# -- tracing -------------------------------------------------------------------------------
+
+
+class TracingSettings(Model):
+    """OpenTelemetry traces: a server span per call, W3C trace context continued upstream."""
+
+    enabled: bool = Field(
+        False, description="Trace calls (false: traceparent passes through untouched)."
+    )
+    exporter: Literal["otlp-http", "otlp-grpc", "none"] = Field(
+        "otlp-http", description="Where spans go; none: propagate trace context, export nothing."
+    )
+    endpoint: str | None = Field(
+        None,
+        description="The collector: default http://127.0.0.1:4318/v1/traces (otlp-http), "
+        "http://127.0.0.1:4317 (otlp-grpc).",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Headers sent with every export (a collector's token)."
+    )
+    sampling_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of new traces sampled; a caller's decision wins."
+    )
+    service_name: str = Field("tollgate", min_length=1, description="The `service.name` resource.")
+    timeout: Duration = Field(10.0, gt=0, description="Longest wait for one export.")
+    queue: int = Field(
+        2048, ge=1, description="Spans held per worker for export; past it, dropped."
+    )
+    batch_size: int = Field(512, ge=1, description="Spans per export at most.")
+    flush_interval: Duration = Field(5.0, gt=0, description="Spans are exported at most this late.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s?#]+", value):
+            raise ValueError("use http://host:port[/path] or https://...")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> TracingSettings:
+        if self.batch_size > self.queue:
+            raise ValueError("batch_size cannot be larger than queue")
+        return self
+
+
 class Route(Model):
     name: str = Field(pattern=_NAME)
     hosts: list[str] = Field(default_factory=list, description="Exact or *.wildcard hosts.")
@@ -480,6 +525,14 @@ def _check_plan_names(plans: dict[str, Plan]) -> dict[str, Plan]:
 Plans = Annotated[dict[str, Plan], AfterValidator(_check_plan_names)]
 
 
+class MetricsSettings(Model):
+    consumer_labels: bool = Field(
+        False,
+        description="Also count requests per consumer (tollgate_consumer_requests_total): one "
+        "series per consumer, route and status, so only for a bounded number of consumers.",
+    )
+
+
 class Config(Model):
     version: Literal[1] = 1
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
@@ -487,6 +540,8 @@ class Config(Model):
     storage: str = "sqlite:///./tollgate.db"
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     logs: LogsSettings = Field(default_factory=LogsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     upstreams: list[Upstream] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
     consumers: list[Consumer] = Field(default_factory=list)

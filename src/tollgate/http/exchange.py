@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tollgate.http.responses import GatewayResponse
+    from tollgate.observe.tracing import TraceContext
     from tollgate.runtime.runtime import CompiledRoute, ConsumerEntry
 
 
@@ -77,6 +78,8 @@ class Exchange:
     capture_out: bytearray | None = None
     captured_response_headers: list[tuple[bytes, bytes]] | None = None
     capture_limit = 0  # bytes of each body kept at most
+    # The call's trace context when tracing is on (see tollgate.observe.tracing); None when off.
+    trace: TraceContext | None = None
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes, bytes]] = []

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from tollgate.observe.metrics import WorkerMetrics
     from tollgate.observe.recorder import CallRecorder
     from tollgate.observe.redaction import CapturePolicy
+    from tollgate.observe.tracing import Tracing
     from tollgate.runtime.runtime import CompiledRoute, TargetEntry
     from tollgate.runtime.worker import WorkerState
 
@@ -193,6 +194,8 @@ class ClientConnection(asyncio.Protocol):
         self.limits = Limits(state.runtime.limits)
         # Where every exchange's call record goes; None when `logs.enabled` is false.
         self.recorder: CallRecorder | None = state.recorder
+        # Traces of calls (tollgate.observe.tracing); None when `tracing.enabled` is false.
+        self.tracing: Tracing | None = state.tracing
         self.metrics: WorkerMetrics = state.metrics
         self.host_raw = b""  # the last Host header and its parsed name: clients repeat it
         self.host = ""
@@ -548,6 +551,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, ex: Exchange) -> None:
         """Route the current exchange and run its access chain; proxy it if admitted."""
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.begin(ex)
         if ex.preset_response is not None:
             self._respond(ex, ex.preset_response)
             return
@@ -677,11 +683,14 @@ class ClientConnection(asyncio.Protocol):
         ex.upstream_target = target.url
         group.balancer.started(index)
         conn = target.pool.acquire_idle() if not ex.upgrade else None
+        ex.t_upstream_start = now = _now()
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.attempt(ex, target)
         if conn is not None:
-            ex.t_upstream_start = ex.t_connected = _now()
+            ex.t_connected = now
             self._send(ex, route, target, conn)
         else:
-            ex.t_upstream_start = _now()
             self._spawn(self._connect(ex, route, target, index, exclude))
 
     def _hash_key(self, ex: Exchange, hash_on: str) -> bytes | None:
@@ -724,6 +733,8 @@ class ClientConnection(asyncio.Protocol):
                 and len(group.targets) > len(exclude) + 1
             )
             if retry:
+                if self.tracing is not None:
+                    self.tracing.attempt_failed(ex, error.error_type)
                 self._proxy(ex, route, (*exclude, index))
             else:
                 self._upstream_error(ex, error)
@@ -809,6 +820,9 @@ class ClientConnection(asyncio.Protocol):
         append(b": ")
         append(ex.request_id.encode())
         append(b"\r\n")
+        trace = ex.trace
+        if trace is not None:
+            append(trace.header)
         for name, value in ex.upstream_headers:
             append(name)
             append(b": ")
@@ -1025,6 +1039,8 @@ class ClientConnection(asyncio.Protocol):
             and error.error_type == "upstream_protocol_error"
         ):
             # A reused keep-alive connection closed by the upstream as we wrote: try a fresh one.
+            if self.tracing is not None:
+                self.tracing.attempt_failed(ex, error.error_type)
             self._proxy(ex, route, ())
             self._flush()
             return
@@ -1137,10 +1153,13 @@ class ClientConnection(asyncio.Protocol):
                 self.state.log_exception("error in a log phase", exc)
 
     def _record(self, ex: Exchange) -> None:
-        """Count the finished exchange in the metrics and make its call record (a branch when
-        records are off); neither may ever break the connection."""
+        """Count the finished exchange in the metrics, queue its spans and make its call record
+        (a branch each when tracing or records are off); none may ever break the connection."""
         try:
             self.metrics.observe(ex)
+            tracing = self.tracing
+            if tracing is not None:
+                tracing.finish(ex)
             recorder = self.recorder
             if recorder is not None:
                 recorder.record(ex)

@@ -116,11 +116,14 @@ class RouteMetrics:
 class WorkerMetrics:
     """Every series one worker counts; `observe` is called once per finished exchange."""
 
-    __slots__ = ("routes",)
+    __slots__ = ("consumer_labels", "consumers", "routes")
 
-    def __init__(self) -> None:
+    def __init__(self, consumer_labels: bool = False) -> None:
         # (service, route) -> its metrics; an exchange no route matched counts under ("", "").
         self.routes: dict[tuple[str, str], RouteMetrics] = {}
+        # Opt-in (`metrics.consumer_labels`): (service, route, consumer, status) -> requests.
+        self.consumer_labels = consumer_labels
+        self.consumers: dict[tuple[str, str, str, int], int] = {}
 
     def observe(self, ex: Exchange) -> None:
         route = ex.route
@@ -131,6 +134,10 @@ class WorkerMetrics:
         series = (ex.status, ex.source)
         requests = metrics.requests
         requests[series] = requests.get(series, 0) + 1
+        if self.consumer_labels:
+            consumer = ex.consumer
+            who = (key[0], key[1], "" if consumer is None else consumer.name, ex.status)
+            self.consumers[who] = self.consumers.get(who, 0) + 1
         error = ex.error_type
         if error:
             metrics.errors[error] = metrics.errors.get(error, 0) + 1
@@ -153,7 +160,8 @@ class WorkerMetrics:
             "routes": [
                 [service, route, metrics.to_dict()]
                 for (service, route), metrics in self.routes.items()
-            ]
+            ],
+            "consumers": [[*key, count] for key, count in self.consumers.items()],
         }
 
 
@@ -165,7 +173,11 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     routes: dict[tuple[str, str], dict[str, Any]] = {}
     gauges: dict[str, float] = {}
     policies: dict[str, dict[str, float]] = {}
+    consumers: dict[tuple[str, str, str, int], int] = {}
     for snapshot in snapshots:
+        for service, route, consumer, status, count in snapshot.get("consumers", []):
+            who = (service, route, consumer, int(status))
+            consumers[who] = consumers.get(who, 0) + count
         for service, route, data in snapshot.get("routes", []):
             merged = routes.setdefault((service, route), _empty_route())
             for code, source, count in data["requests"]:
@@ -183,7 +195,7 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             into = policies.setdefault(policy, {})
             for name, value in counts.items():
                 into[name] = into.get(name, 0) + value
-    return {"routes": routes, "gauges": gauges, "policies": policies}
+    return {"routes": routes, "gauges": gauges, "policies": policies, "consumers": consumers}
 
 
 def _empty_route() -> dict[str, Any]:
@@ -268,6 +280,16 @@ class MergedCollector:
                 if cumulative:
                     family.add_metric(labels, buckets, total)
         yield requests
+        consumers: Mapping[tuple[str, str, str, int], int] = self.merged.get("consumers", {})
+        if consumers:
+            by_consumer = CounterMetricFamily(
+                "tollgate_consumer_requests",
+                "Requests answered, by consumer (metrics.consumer_labels).",
+                labels=["service", "route", "consumer", "code"],
+            )
+            for (service, route, consumer, status), count in sorted(consumers.items()):
+                by_consumer.add_metric([service, route, consumer, str(status)], count)
+            yield by_consumer
         yield errors
         yield bytes_in
         yield bytes_out

@@ -85,6 +85,7 @@ class CallRecorder:
         capture = route.capture if route is not None else None
         if capture is None:
             raw = ex.query
+            trace = ex.trace
             self.put(
                 exchange_record(
                     ex,
@@ -92,7 +93,7 @@ class CallRecorder:
                     self.node,
                     self.worker,
                     query_for_record(raw) if raw else None,
-                    None,
+                    trace.trace_id if trace is not None else None,
                     None,
                     None,
                     None,
@@ -145,6 +146,7 @@ class CallRecorder:
             self.node,
             self.worker,
             query,
+            trace_id=ex.trace.trace_id if ex.trace is not None else None,
             request_headers=request_headers,
             response_headers=response_headers,
             request_body=request_body,

@@ -18,7 +18,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -31,6 +31,11 @@ from tollgate.observe.recorder import CallRecorder, WorkerLogs
 from tollgate.ratelimit.redis_store import RedisStore
 from tollgate.runtime.runtime import PoolRegistry, Runtime, compile_config
 from tollgate.runtime.shared_state import SharedState
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from tollgate.observe.tracing import Tracing
 
 log = logging.getLogger("tollgate.worker")
 
@@ -59,7 +64,9 @@ class WorkerState:
         self.runtime = runtime
         self.pools = pools
         self.recorder = recorder  # where connections put call records; None: records are off
-        self.metrics = WorkerMetrics()  # what connections count, reported to the supervisor
+        self.tracing: Tracing | None = None  # traces of calls; None: tracing is off
+        # What connections count, reported to the supervisor.
+        self.metrics = WorkerMetrics(runtime.config.metrics.consumer_labels)
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
@@ -145,7 +152,9 @@ class Gateway:
         shared_state: SharedState | None = None,
         worker: int = 0,
         workers: int = 1,
+        span_exporter: SpanExporter | None = None,
     ) -> None:
+        """`span_exporter` replaces the one `tracing` names (tests pass an in-memory one)."""
         self.pools = PoolRegistry()
         self.version = 1
         self.clock = clock  # what policies decide on (rate limits); tests pass a FakeClock
@@ -169,6 +178,10 @@ class Gateway:
         self.worker = worker  # this worker's number on its node, in records and file names
         self.workers = workers
         self.logs: WorkerLogs | None = None
+        # Traces: made in start() too (the exporter's thread belongs to the serving process);
+        # `tracing` is read at start only.
+        self.tracing: Tracing | None = None
+        self._span_exporter = span_exporter
         self._closed = False
 
     @property
@@ -188,6 +201,18 @@ class Gateway:
             )
             self.logs.start()
             self.state.recorder = self.logs.recorder
+        if config.tracing.enabled and self.tracing is None:
+            from tollgate.observe.tracing import Tracing
+
+            self.tracing = Tracing(
+                config.tracing,
+                worker=self.worker,
+                exporter=self._span_exporter,
+                runtime=lambda: self.state.runtime,
+                scheme=scheme.decode(),
+            )
+            self.tracing.start()
+            self.state.tracing = self.tracing
         self.server = await loop.create_server(
             lambda: ClientConnection(self.state, scheme), sock=sock, ssl=tls, backlog=2048
         )
@@ -208,6 +233,7 @@ class Gateway:
             for name, value in counts.items():
                 base[name] = base.get(name, 0) + value
         self.state.runtime = runtime
+        self.state.metrics.consumer_labels = config.metrics.consumer_labels
         self.pools.prune()  # targets gone from the config: their idle connections close now
         self._sweep_every = _sweep_interval(config)
         return runtime
@@ -274,6 +300,8 @@ class Gateway:
             self.pools.sweep(now)
             if self.logs is not None:
                 self.logs.recorder.sync_clock()
+            if self.tracing is not None:
+                self.tracing.sync_clock()
 
     async def drain(self, grace: float) -> bool:
         """Stop accepting, let in-flight requests finish up to `grace` seconds; True if all did."""
@@ -316,6 +344,10 @@ class Gateway:
             # exchanges' records must be queued before the pipeline stops taking any.
             await asyncio.sleep(0)
             await self.logs.aclose()
+        if self.tracing is not None:
+            # As above: the spans of exchanges cut short are built, then everything is exported.
+            await asyncio.sleep(0)
+            await self.tracing.aclose()
 
     def __repr__(self) -> str:
         return f"Gateway(version={self.version}, {self.state!r})"

@@ -286,8 +286,8 @@ def test_an_unknown_key_far_from_any_lists_the_valid_ones() -> None:
     [(line, path, message)] = problems(BASE + "zebra: 1\n")
     assert (line, path) == (14, "zebra")
     assert message == (
-        "unknown key (valid here: version, gateway, admin, storage, cluster, logs, upstreams, "
-        "services, consumers, plans, policies)"
+        "unknown key (valid here: version, gateway, admin, storage, cluster, logs, metrics, "
+        "tracing, upstreams, services, consumers, plans, policies)"
     )
 
 

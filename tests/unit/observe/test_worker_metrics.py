@@ -140,3 +140,25 @@ def test_gauges_and_policy_counters_are_summed_over_workers() -> None:
     rejections = parsed["tollgate_rate_limit_rejections"]
     [sample] = [s for s in rejections.samples if s.name.endswith("_total")]
     assert (sample.labels["policy"], sample.value) == ("api/main", 7)
+
+
+def test_consumer_labels_are_opt_in() -> None:
+    from tollgate.runtime.context import ConsumerEntry
+
+    acme = ConsumerEntry(name="acme", id="acme", plan=None, tags=(), upstream_headers=())
+    plain, labelled = WorkerMetrics(), WorkerMetrics(consumer_labels=True)
+    for metrics in (plain, labelled):
+        known = exchange(200)
+        known.consumer = acme
+        metrics.observe(known)
+        metrics.observe(exchange(401, source="gateway", upstream=None))
+    assert "tollgate_consumer_requests" not in families(
+        render(merge_snapshots([plain.snapshot()]), {}, "1")
+    )
+    parsed = families(render(merge_snapshots([labelled.snapshot()] * 2), {}, "1"))
+    counts = {
+        (s.labels["consumer"], s.labels["code"]): s.value
+        for s in parsed["tollgate_consumer_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert counts == {("acme", "200"): 2, ("", "401"): 2}
