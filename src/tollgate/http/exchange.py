@@ -97,6 +97,13 @@ class Exchange:
         """Serialised header lines (each `Name: value\r\n`) to add to the client's response."""
         self.response_block += block
 
+    def note_outcome(self, policy: str, outcome: Any) -> None:
+        """Keep what `policy` decided in the call record (`policies`)."""
+        if self.outcomes is None:
+            self.outcomes = {policy: outcome}
+        else:
+            self.outcomes[policy] = outcome
+
     def remove_upstream_header(self, lower_name: bytes) -> None:
         """Do not forward this request header upstream (e.g. a credential)."""
         if self.upstream_remove is None:

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 RATE_LIMITED: Final = "Rate limit exceeded: {}"
 # Where an admitted request's concurrency slots wait for the log phase to give them back.
 HELD_NOTE: Final = "rate-limit"
+# What call records name the policy's outcomes under.
+POLICY_NAME: Final = "rate-limit"
 # Clients whose (key, algorithm) pairs one set of limits remembers; cleared when full.
 KEYED_CACHE_SIZE: Final = 4096
 
@@ -113,6 +115,10 @@ class CompiledLimits:
                 self._keyed.clear()
             self._keyed[client] = limits
         return limits
+
+    def concurrency_keys(self, keyed: list[Limit]) -> tuple[str, ...]:
+        """The keys of the concurrency limits among `keyed` (this set's `keyed(client)`)."""
+        return tuple([keyed[index][0] for index in self.concurrency])
 
     def fields(self, combined: CombinedDecision) -> list[tuple[bytes, bytes]]:
         """The response's rate-limit fields, about the limit `combined` names."""
@@ -198,11 +204,7 @@ class RequestLimiter:
         decision = combined.decision
         if not decision.allowed:
             self.rejected += 1
-            name = limits.names[combined.limit_index]
-            if ex.outcomes is None:
-                ex.outcomes = {"rate-limit": name}
-            else:
-                ex.outcomes["rate-limit"] = name
+            ex.note_outcome(POLICY_NAME, limits.names[combined.limit_index])
             return error_response(
                 self._status,
                 "rate_limited",
@@ -212,8 +214,7 @@ class RequestLimiter:
                 retry_after=retry_after_seconds(decision.retry_after, limits.never),
             )
         if limits.concurrency:
-            keys = tuple([keyed[index][0] for index in limits.concurrency])
-            held = (keys, self._cost, store)
+            held = (limits.concurrency_keys(keyed), self._cost, store)
             if ex.policy_notes is None:
                 ex.policy_notes = {HELD_NOTE: held}
             else:
@@ -309,10 +310,7 @@ class RedisLimiter(RequestLimiter):
         except StoreUnavailable:
             if not self.allow_on_error:
                 self.denied += 1
-                if ex.outcomes is None:
-                    ex.outcomes = {"rate-limit": "store-unavailable"}
-                else:
-                    ex.outcomes["rate-limit"] = "store-unavailable"
+                ex.note_outcome(POLICY_NAME, "store-unavailable")
                 return error_response(
                     503,
                     "rate_limit_unavailable",
@@ -327,8 +325,7 @@ class RedisLimiter(RequestLimiter):
             store = self.remote
             if ex.t_end and combined.decision.allowed and limits.concurrency:
                 # The client left while Redis answered: its log phase has run already.
-                keys = tuple([keyed[index][0] for index in limits.concurrency])
-                release_all(store, keys, self._cost)
+                release_all(store, limits.concurrency_keys(keyed), self._cost)
                 return None
         result = self.outcome(ex, limits, keyed, combined, store)
         if result is None or isinstance(result, GatewayResponse):

@@ -17,6 +17,7 @@ with a sleep: that would stall the other sinks sharing the writer.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from tollgate.observe.records import CallRecord
@@ -36,20 +37,20 @@ class PermanentSinkError(SinkError):
     """A write that will fail again whatever the wait (e.g. the receiver rejected the payload)."""
 
 
-class Sink:
+class Sink(ABC):
     """Base of every sink; `name` labels its counters in the pipeline's stats and metrics."""
 
     name = "sink"
 
+    @abstractmethod
     def write(self, batch: Sequence[CallRecord]) -> None:
         """Store every record of `batch`, or raise."""
-        raise NotImplementedError
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - a default that does nothing, not abstract
         """Called after every round of writes (at least every `flush_interval`): push out what
         the sink holds back, if it is time to; a sink that holds nothing back does nothing."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a default that does nothing, not abstract
         """Release the sink's connection or file; called once, from the writer thread."""
 
     def __repr__(self) -> str:
