@@ -405,6 +405,15 @@ class RateLimit(Policy):
             raise ValueError("rate-limit has `store: local` but nothing provides the node's store")
         return context.shared_store()
 
+    def phases(self) -> tuple[str, ...]:
+        """Without a concurrency limit there is nothing to give back: no log phase (which
+        would also make the listener write each answer before the exchange's end)."""
+        limiter = self.limiter
+        sets = [limiter.own, *(limiter.by_plan or {}).values()]
+        if any(limits is not None and limits.concurrency for limits in sets):
+            return super().phases()
+        return tuple(phase for phase in super().phases() if phase != "log")
+
     def handler(self, phase: str) -> Callable[..., Any]:
         if phase == "access":
             return self.limiter.access
