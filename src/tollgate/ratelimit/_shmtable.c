@@ -28,6 +28,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <float.h>
+#include <stdio.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -1121,6 +1122,48 @@ static PyObject *verdict_tuple(const Verdict *verdict) {
     return result;
 }
 
+/* The template pieces p0..p4 joined around remaining, reset, remaining, reset: the header
+ * lines of limiter.CompiledLimits.block (reset in whole seconds, rounded up, 0 if none left). */
+#define LONGEST_RESET 2147483647.0
+
+static PyObject *render_fields(PyObject *pieces, const Verdict *verdict) {
+    double reset = verdict->reset_after;
+    if (!(reset < LONGEST_RESET)) { /* NaN, or told as headers.LONGEST_RESET: the tuple path */
+        return verdict_tuple(verdict);
+    }
+    long long whole = reset > 0 ? (long long)ceil(reset) : 0;
+    char numbers[2][24];
+    int lengths[2];
+    lengths[0] = snprintf(numbers[0], sizeof(numbers[0]), "%lld", (long long)verdict->remaining);
+    lengths[1] = snprintf(numbers[1], sizeof(numbers[1]), "%lld", whole);
+    Py_ssize_t total = 2 * (Py_ssize_t)(lengths[0] + lengths[1]);
+    for (int i = 0; i < 5; i++) {
+        PyObject *piece = PyTuple_GET_ITEM(pieces, i);
+        if (!PyBytes_CheckExact(piece)) {
+            PyErr_SetString(PyExc_TypeError, "hit: fields must be a tuple of five bytes objects");
+            return NULL;
+        }
+        total += PyBytes_GET_SIZE(piece);
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, total);
+    if (result == NULL) {
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(result);
+    for (int i = 0; i < 5; i++) {
+        PyObject *piece = PyTuple_GET_ITEM(pieces, i);
+        Py_ssize_t size = PyBytes_GET_SIZE(piece);
+        memcpy(out, PyBytes_AS_STRING(piece), (size_t)size);
+        out += size;
+        if (i < 4) {
+            int which = i % 2;
+            memcpy(out, numbers[which], (size_t)lengths[which]);
+            out += lengths[which];
+        }
+    }
+    return result;
+}
+
 /* Where a key's record is, packed once per key by shm.py: its digest, then (int64, struct
  * "<qqqqq") the stripe's first byte, the home slot's, the stripe's counter line, the slots per
  * stripe, and whether to lock the mutex in the counter line. */
@@ -1141,10 +1184,20 @@ typedef struct {
  * the decision's fields as a tuple. Returns None, having changed nothing, when the request is
  * not one to decide here: `now` not a finite float, `cost` not an integer from 1 to 2**50, or
  * a stored state outside what the algorithms write; Python then decides it as it does every
- * other request. */
+ * other request.
+ *
+ * With a sixth argument `fields`, five bytes objects (the pieces of limiter.CompiledLimits'
+ * field template, around remaining, reset, remaining, reset), an admitted request that waits
+ * for nothing gets the response's rate-limit header lines as one bytes object instead of the
+ * tuple: the common request then makes no Python object but that one. */
 static PyObject *hit(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "hit(map, where, params, now, cost)");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "hit(map, where, params, now, cost[, fields])");
+        return NULL;
+    }
+    PyObject *fields = nargs == 6 ? args[5] : NULL;
+    if (fields != NULL && (!PyTuple_CheckExact(fields) || PyTuple_GET_SIZE(fields) != 5)) {
+        PyErr_SetString(PyExc_TypeError, "hit: fields must be a tuple of five bytes objects");
         return NULL;
     }
     char *packed_where;
@@ -1232,6 +1285,9 @@ static PyObject *hit(PyObject *module, PyObject *const *args, Py_ssize_t nargs) 
     if (!decided) {
         Py_RETURN_NONE;
     }
+    if (fields != NULL && verdict.allowed && verdict.delay == 0.0) {
+        return render_fields(fields, &verdict);
+    }
     return verdict_tuple(&verdict);
 }
 
@@ -1259,8 +1315,9 @@ static PyMethodDef methods[] = {
     {"save", (PyCFunction)(void (*)(void))save, METH_FASTCALL,
      "save(map, at, digest, tag, layout, fields, expires, unlock_at)."},
     {"hit", (PyCFunction)(void (*)(void))hit, METH_FASTCALL,
-     "hit(map, where, params, now, cost) -> (allowed, limit, remaining, reset_after, "
-     "retry_after, delay), or None to decide in Python."},
+     "hit(map, where, params, now, cost[, fields]) -> (allowed, limit, remaining, "
+     "reset_after, retry_after, delay), the rendered fields when given and admitted at once, "
+     "or None to decide in Python."},
     {"crc32", crc32, METH_O, "CRC-32 of a bytes-like object (as zlib.crc32)."},
     {NULL, NULL, 0, NULL},
 };

@@ -34,8 +34,16 @@ def sf_string(text: str) -> bytes:
     return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode("ascii") + b'"'
 
 
+# The most seconds a reset is told as: a limit that refills so slowly that it is never fully
+# available again (a rate near zero: an infinite reset) is told 68 years, not an error.
+LONGEST_RESET = 2**31 - 1
+
+
 def whole_seconds(seconds: float) -> int:
-    """Seconds rounded up to a whole number, never negative: `t` and `X-RateLimit-Reset`."""
+    """Seconds rounded up to a whole number, never negative, at most `LONGEST_RESET`: `t` and
+    `X-RateLimit-Reset`."""
+    if seconds >= LONGEST_RESET:
+        return LONGEST_RESET
     return math.ceil(seconds) if seconds > 0 else 0
 
 
@@ -73,24 +81,23 @@ def policy_field(limits: Sequence[LimitHeaders]) -> tuple[bytes, bytes]:
     return RATELIMIT_POLICY, b", ".join(limit.policy_item for limit in limits)
 
 
-def fields_template(policy: tuple[bytes, bytes], limit: LimitHeaders) -> bytes:
-    """Every field's line of a response about `limit`, as a `%`-template of the four numbers
-    (remaining, reset, remaining, reset): one formatting per request renders them all, the
-    same fields as `limit_fields`."""
-
-    def literal(text: bytes) -> bytes:
-        return text.replace(b"%", b"%%")
-
+def fields_pieces(policy: tuple[bytes, bytes], limit: LimitHeaders) -> tuple[bytes, ...]:
+    """Every field's line of a response about `limit`, in the five pieces that go around the
+    four numbers (remaining, reset, remaining, reset): the same fields as `limit_fields`, for
+    a renderer that joins them (the shared-memory store's C `hit` does, for admitted requests)."""
     return (
-        literal(policy[0] + b": " + policy[1] + b"\r\n")
-        + literal(RATELIMIT + b": " + limit.name_item)
-        + b";r=%d;t=%d\r\n"
-        + literal(X_LIMIT + b": " + limit.limit + b"\r\n")
-        + literal(X_REMAINING)
-        + b": %d\r\n"
-        + literal(X_RESET)
-        + b": %d\r\n"
+        policy[0] + b": " + policy[1] + b"\r\n" + RATELIMIT + b": " + limit.name_item + b";r=",
+        b";t=",
+        b"\r\n" + X_LIMIT + b": " + limit.limit + b"\r\n" + X_REMAINING + b": ",
+        b"\r\n" + X_RESET + b": ",
+        b"\r\n",
     )
+
+
+def fields_template(policy: tuple[bytes, bytes], limit: LimitHeaders) -> bytes:
+    """`fields_pieces` as a `%`-template of the four numbers: one formatting per request
+    renders them all."""
+    return b"%d".join(piece.replace(b"%", b"%%") for piece in fields_pieces(policy, limit))
 
 
 def limit_fields(

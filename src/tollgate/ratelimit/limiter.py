@@ -19,17 +19,20 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from tollgate.clock import Clock
 from tollgate.http.responses import GatewayResponse, error_response
-from tollgate.ratelimit.algorithms import CombinedDecision, RateAlgorithm
+from tollgate.ratelimit.algorithms import CombinedDecision, Decision, RateAlgorithm
 from tollgate.ratelimit.headers import (
     LimitHeaders,
+    fields_pieces,
     fields_template,
     limit_fields,
     policy_field,
     retry_after_seconds,
+    whole_seconds,
 )
 from tollgate.ratelimit.keys import KeyBuilder
 from tollgate.ratelimit.redis_store import RedisStore
 from tollgate.ratelimit.resp import StoreUnavailable
+from tollgate.ratelimit.shm import SharedMemoryStore
 from tollgate.ratelimit.store import Limit, Store
 
 if TYPE_CHECKING:
@@ -82,8 +85,10 @@ class CompiledLimits:
         "messages",
         "names",
         "never",
+        "pieces",
         "policy",
         "prefixes",
+        "single",
         "templates",
     )
 
@@ -100,6 +105,10 @@ class CompiledLimits:
         )
         self.policy = policy_field(self.headers)
         self.templates = tuple(fields_template(self.policy, limit) for limit in self.headers)
+        self.pieces = tuple(fields_pieces(self.policy, limit) for limit in self.headers)
+        # One limit and no concurrency slot to hold: a request the store may decide and render
+        # the fields of in one step (`SharedMemoryStore.hit_fields`).
+        self.single = len(specs) == 1 and not self.concurrency
         self.never = math.ceil(max(spec.window or 0.0 for spec in specs))
         self._keyed: dict[str, list[Limit]] = {}
 
@@ -128,8 +137,7 @@ class CompiledLimits:
         """The same fields as `fields`, serialised as header lines."""
         decision = combined.decision
         remaining = decision.remaining
-        reset = decision.reset_after
-        whole = math.ceil(reset) if reset > 0 else 0
+        whole = whole_seconds(decision.reset_after)
         return self.templates[combined.limit_index] % (remaining, whole, remaining, whole)
 
     def __repr__(self) -> str:
@@ -142,6 +150,7 @@ class RequestLimiter:
     __slots__ = (
         "_clock",
         "_cost",
+        "_fast",
         "_headers",
         "_key",
         "_status",
@@ -171,6 +180,8 @@ class RequestLimiter:
         self._cost = cost
         self._status = status
         self._headers = headers
+        # The shared-memory store's one-call path (admit and render), if that is the store.
+        self._fast = store.hit_fields if isinstance(store, SharedMemoryStore) else None
         # Requests refused by a limit: the policy's rejection count, for metrics.
         self.rejected = 0
 
@@ -188,7 +199,19 @@ class RequestLimiter:
         if limits is None:
             return None
         keyed = limits.keyed(self._key(ex))
-        combined = self.store.hit(keyed, self._clock.wall(), self._cost)
+        now = self._clock.wall()
+        fast = self._fast
+        if fast is not None and limits.single:
+            key, algorithm = keyed[0]
+            decided = fast(key, algorithm, now, self._cost, limits.pieces[0])
+            if isinstance(decided, bytes):
+                if self._headers:
+                    ex.add_response_block(decided)
+                return None
+            if decided is not None:
+                combined = CombinedDecision(Decision(*decided), 0, ())
+                return self.outcome(ex, limits, keyed, combined, self.store)
+        combined = self.store.hit(keyed, now, self._cost)
         return self.outcome(ex, limits, keyed, combined, self.store)
 
     def outcome(

@@ -629,6 +629,38 @@ class SharedMemoryStore:
                 return CombinedDecision(Decision(*decided), 0, ())
         return self._hit_one_split(self._c, place, decider[0], algorithm, now, cost)
 
+    def hit_fields(
+        self,
+        key: str,
+        algorithm: RateAlgorithm[Any],
+        now: float,
+        cost: int,
+        pieces: tuple[bytes, ...],
+    ) -> bytes | tuple[Any, ...] | None:
+        """One limit's request in one C call, for the request path (`RequestLimiter`).
+
+        Admitted at once: the response's rate-limit header lines, rendered from `pieces`
+        (`headers.fields_pieces`). Refused, or admitted after a wait: the decision's fields,
+        as `Decision(*fields)` takes them (an admitted request is counted either way). None,
+        having counted nothing: this request is not one the C decides (see `_hit_one_compiled`);
+        `hit` then decides it.
+        """
+        if self._c_hit is None or self._lock_mode == LOCKS_FCNTL:
+            return None
+        decider = self._deciders.get(algorithm)
+        if decider is None:
+            decider = self._decider(algorithm)
+        params = decider[1]
+        if params is None:
+            return None
+        if self._owner != _process_generation:
+            self._refuse()
+        place = self._locations.get(key) or self._place(key)
+        result: bytes | tuple[Any, ...] | None = self._c_hit(
+            self._map, place[7], params, now, cost, pieces
+        )
+        return result
+
     def _decider(self, algorithm: RateAlgorithm[Any]) -> tuple[_Codec, bytes | None]:
         """`algorithm`'s codec and C parameters, worked out on its first request only."""
         decider = (_codec_for(algorithm), _c_params(algorithm))

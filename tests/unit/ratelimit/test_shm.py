@@ -38,6 +38,14 @@ from tollgate.ratelimit import (
     shm,
 )
 from tollgate.ratelimit.algorithms import _Value
+from tollgate.ratelimit.headers import (
+    LONGEST_RESET,
+    LimitHeaders,
+    fields_pieces,
+    fields_template,
+    policy_field,
+    whole_seconds,
+)
 from tollgate.ratelimit.shm import (
     HEADER_SIZE,
     MAX_CAPACITY,
@@ -843,3 +851,77 @@ def test_the_compiled_crc32_is_zlibs(data: bytes) -> None:
     # Eight bytes a step in C (a record's 56 are seven steps), a byte a step for the rest.
     require_compiled()
     assert shm._C.crc32(data) == zlib.crc32(data)
+
+
+@EXAMPLES
+@given(algorithm=algorithms_in_c, start=starts, steps=arrivals)
+def test_hit_fields_counts_as_hit_does_and_renders_the_limiters_fields(
+    tmp_path: Path,
+    algorithm: RateAlgorithm[Any],
+    start: float,
+    steps: list[tuple[float, int, bool]],
+) -> None:
+    # The request path's one call (admit and render the header lines in C) against `hit` and
+    # the `%`-template: the same decisions, the same lines, the same table after every step.
+    require_compiled()
+    headers = LimitHeaders.render('per "x" 100%', 7, 60.0)
+    policy = policy_field([headers])
+    pieces = fields_pieces(policy, headers)
+    template = fields_template(policy, headers)
+    name = uuid.uuid4().hex
+    with SharedMemoryStore.create(tmp_path / f"{name}.a.shm", 64) as fast:
+        shutil.copyfile(tmp_path / f"{name}.a.shm", tmp_path / f"{name}.b.shm")
+        with SharedMemoryStore.open(tmp_path / f"{name}.b.shm", locking=False) as plain:
+            now = start
+            for gap, cost, release in steps:
+                now += gap
+                if release and isinstance(algorithm, Concurrency):
+                    fast.release("client", cost)
+                    plain.release("client", cost)
+                    continue
+                try:
+                    expected = plain.hit([("client", algorithm)], now, cost).decision
+                except ArithmeticError as error:
+                    with pytest.raises(type(error)):
+                        fast.hit_fields("client", algorithm, now, cost, pieces)
+                    continue
+                before = table_bytes(fast)
+                got = fast.hit_fields("client", algorithm, now, cost, pieces)
+                event(f"hit_fields: {type(got).__name__}")
+                if got is None:  # not the C's to decide: nothing counted, `hit` decides
+                    assert table_bytes(fast) == before
+                    got = fast.hit([("client", algorithm)], now, cost).decision
+                    assert exactly(got) == exactly(expected)
+                elif isinstance(got, bytes):
+                    assert expected.allowed and expected.delay == 0
+                    reset = whole_seconds(expected.reset_after)
+                    assert got == template % (expected.remaining, reset, expected.remaining, reset)
+                else:
+                    # Refused, waiting, or a reset too long to tell (`LONGEST_RESET`).
+                    assert (
+                        not expected.allowed
+                        or expected.delay > 0
+                        or expected.reset_after >= LONGEST_RESET
+                    )
+                    assert exactly(Decision(*got)) == exactly(expected)
+                assert table_bytes(fast) == table_bytes(plain)
+    for suffix in ("a", "b"):
+        (tmp_path / f"{name}.{suffix}.shm").unlink()
+
+
+def test_hit_fields_leaves_what_the_c_cannot_take_to_hit(
+    store: SharedMemoryStore, locks: str
+) -> None:
+    headers = LimitHeaders.render("m", 10, 60.0)
+    pieces = fields_pieces(policy_field([headers]), headers)
+    quota = CalendarQuota(5, "day", "Europe/Paris")
+    window = FixedWindow(10, 60)
+    assert store.hit_fields("client", quota, NOW, 1, pieces) is None
+    assert store.hit_fields("client", window, NOW, 2**50 + 1, pieces) is None
+    if locks == "fcntl":  # no compiled primitives: every request is `hit`'s
+        assert store.hit_fields("client", window, NOW, 1, pieces) is None
+    assert store.peek("client", window, NOW).remaining == 9  # nothing counted
+    if locks == "fcntl":
+        return
+    with pytest.raises(TypeError, match="five bytes"):
+        store.hit_fields("client", FixedWindow(10, 60), NOW, 1, pieces[:4])
