@@ -28,7 +28,6 @@
 #include <Python.h>
 #include <errno.h>
 #include <float.h>
-#include <stdio.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -1126,6 +1125,26 @@ static PyObject *verdict_tuple(const Verdict *verdict) {
  * lines of limiter.CompiledLimits.block (reset in whole seconds, rounded up, 0 if none left). */
 #define LONGEST_RESET 2147483647.0
 
+/* `value` in decimal into `out` (24 bytes hold any long long), as "%lld" would; the length. */
+static int decimal(char *out, long long value) {
+    char digits[24];
+    int count = 0;
+    unsigned long long magnitude =
+        value < 0 ? 0ULL - (unsigned long long)value : (unsigned long long)value;
+    do {
+        digits[count++] = (char)('0' + magnitude % 10);
+        magnitude /= 10;
+    } while (magnitude);
+    int length = 0;
+    if (value < 0) {
+        out[length++] = '-';
+    }
+    while (count) {
+        out[length++] = digits[--count];
+    }
+    return length;
+}
+
 static PyObject *render_fields(PyObject *pieces, const Verdict *verdict) {
     double reset = verdict->reset_after;
     if (!(reset < LONGEST_RESET)) { /* NaN, or told as headers.LONGEST_RESET: the tuple path */
@@ -1134,8 +1153,8 @@ static PyObject *render_fields(PyObject *pieces, const Verdict *verdict) {
     long long whole = reset > 0 ? (long long)ceil(reset) : 0;
     char numbers[2][24];
     int lengths[2];
-    lengths[0] = snprintf(numbers[0], sizeof(numbers[0]), "%lld", (long long)verdict->remaining);
-    lengths[1] = snprintf(numbers[1], sizeof(numbers[1]), "%lld", whole);
+    lengths[0] = decimal(numbers[0], (long long)verdict->remaining);
+    lengths[1] = decimal(numbers[1], whole);
     Py_ssize_t total = 2 * (Py_ssize_t)(lengths[0] + lengths[1]);
     for (int i = 0; i < 5; i++) {
         PyObject *piece = PyTuple_GET_ITEM(pieces, i);
