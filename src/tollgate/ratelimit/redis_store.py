@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import hashlib
 import ssl
+import struct
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -402,10 +403,11 @@ class RedisStore:
         return f"RedisStore({self._client!r}, prefix={self._key_prefix!r}, {clock})"
 
 
-def _reported(reply: list[Any]) -> tuple[int, Decision]:
+_REPLY: Final = struct.Struct("<7d")
+
+
+def _reported(reply: bytes) -> tuple[int, Decision]:
     """The script's reply: the index of the limit it reports on, and that limit's decision."""
-    index, allowed, limit, remaining, reset_after, retry_after, delay = reply
-    decision = Decision(
-        allowed == 1, limit, remaining, float(reset_after), float(retry_after), float(delay)
-    )
-    return index, decision
+    index, allowed, limit, remaining, reset_after, retry_after, delay = _REPLY.unpack(reply)
+    decision = Decision(allowed == 1, int(limit), int(remaining), reset_after, retry_after, delay)
+    return int(index), decision
