@@ -28,6 +28,8 @@ HOT_PATH = [
     "src/tollgate/ratelimit/headers.py",
     "src/tollgate/ratelimit/keys.py",
     "src/tollgate/ratelimit/limiter.py",
+    "src/tollgate/ratelimit/redis_store.py",
+    "src/tollgate/ratelimit/resp.py",
     "src/tollgate/ratelimit/shm.py",
     "src/tollgate/ratelimit/store.py",
     "src/tollgate/routing/router.py",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import httptools
@@ -586,16 +587,48 @@ class ClientConnection(asyncio.Protocol):
                 ),
             )
             return
+        self._run_access(ex, route, 0)
+
+    def _run_access(self, ex: Exchange, route: CompiledRoute, start: int) -> None:
+        """The access chain from step `start`: proxy if every step admits the request.
+
+        A step answers None (go on), a response (sent), or something to wait for: a Future
+        (a store's round trip) resumes the chain from its done callback, with no task made;
+        any other awaitable (a coroutine) runs in a task of its own."""
         access = route.access
-        for index, step in enumerate(access):
-            result = step(ex)
+        count = len(access)
+        index = start
+        while index < count:
+            result = access[index](ex)
+            index += 1
             if result is not None:
                 if result.__class__ is GatewayResponse:
                     self._respond(ex, result)
+                elif isinstance(result, asyncio.Future):
+                    result.add_done_callback(partial(self._access_resumed, ex, route, index))
                 else:
-                    self._spawn(self._access_async(ex, route, result, index + 1))
+                    self._spawn(self._access_async(ex, route, result, index))
                 return
         self._proxy(ex, route, ())
+
+    def _access_resumed(
+        self, ex: Exchange, route: CompiledRoute, next_index: int, future: asyncio.Future[Any]
+    ) -> None:
+        """An access step's Future is done: answer its response, or go on with the chain."""
+        if self.closed or ex is not self.cur:
+            if not future.cancelled():
+                future.exception()  # the client has gone: nothing to answer, nothing to log
+            return
+        try:
+            result = future.result()
+            if result is not None:
+                self._respond(ex, result)
+            else:
+                self._run_access(ex, route, next_index)
+        except (Exception, asyncio.CancelledError) as exc:  # cancelled: it cannot go on
+            self._access_failed(ex, exc)
+            return
+        self._flush()
 
     async def _access_async(
         self, ex: Exchange, route: CompiledRoute, pending: Any, next_index: int
@@ -604,14 +637,18 @@ class ClientConnection(asyncio.Protocol):
         try:
             await self._access_rest(ex, route, pending, next_index)
         except Exception as exc:
-            self.state.log_exception("error in an access policy", exc)
-            if not self.closed and ex is self.cur and not ex.response_started:
-                response = error_response(
-                    500, "internal_error", "The gateway failed on this request", ex.request_id
-                )
-                response.close = True
-                self._respond(ex, response)
-                self._flush()
+            self._access_failed(ex, exc)
+
+    def _access_failed(self, ex: Exchange, exc: BaseException) -> None:
+        """A policy failed after its step began waiting: 500, and the connection closes."""
+        self.state.log_exception("error in an access policy", exc)
+        if not self.closed and ex is self.cur and not ex.response_started:
+            response = error_response(
+                500, "internal_error", "The gateway failed on this request", ex.request_id
+            )
+            response.close = True
+            self._respond(ex, response)
+            self._flush()
 
     async def _access_rest(
         self, ex: Exchange, route: CompiledRoute, pending: Any, next_index: int

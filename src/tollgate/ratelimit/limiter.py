@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from tollgate.clock import Clock
@@ -31,7 +32,7 @@ from tollgate.ratelimit.headers import (
 )
 from tollgate.ratelimit.keys import KeyBuilder
 from tollgate.ratelimit.redis_store import RedisStore
-from tollgate.ratelimit.resp import StoreUnavailable
+from tollgate.ratelimit.resp import RedisReplyError, StoreUnavailable
 from tollgate.ratelimit.shm import SharedMemoryStore
 from tollgate.ratelimit.store import Limit, Store
 
@@ -323,7 +324,88 @@ class RedisLimiter(RequestLimiter):
         limits = self.limits_for(ex)
         if limits is None:
             return None
-        return self._remote(ex, limits, limits.keyed(self._key(ex)))
+        keyed = limits.keyed(self._key(ex))
+        reply = self.remote.hit_reply(keyed, self._cost)
+        if reply is None:  # no connection up: the coroutine waits for one, or falls back
+            return self._remote(ex, limits, keyed)
+        # The common case makes no task and no coroutine: the listener resumes the request
+        # from `decided`'s done callback, which `_replied` sets from the reply's.
+        decided: asyncio.Future[GatewayResponse | None] = reply.get_loop().create_future()
+        reply.add_done_callback(partial(self._replied, ex, limits, keyed, decided))
+        return decided
+
+    def _replied(
+        self,
+        ex: Exchange,
+        limits: CompiledLimits,
+        keyed: list[Limit],
+        decided: asyncio.Future[GatewayResponse | None],
+        reply: asyncio.Future[Any],
+    ) -> None:
+        result: GatewayResponse | Awaitable[GatewayResponse | None] | Awaitable[None] | None
+        try:
+            try:
+                combined = self.remote.decision_of(reply.result())
+            except StoreUnavailable:
+                result = self._unavailable(ex, limits, keyed)
+            except RedisReplyError as error:  # NOSCRIPT: load the script, call again
+                result = self._retried(ex, limits, keyed, error)
+            else:
+                result = self._decided(ex, limits, keyed, combined)
+            self._settle(decided, result)
+        except (Exception, asyncio.CancelledError) as exc:  # the request gets its 500
+            if not decided.done():
+                decided.set_exception(exc)
+
+    def _settle(
+        self,
+        decided: asyncio.Future[GatewayResponse | None],
+        result: GatewayResponse | Awaitable[GatewayResponse | None] | Awaitable[None] | None,
+    ) -> None:
+        """`decided` gets `result`, at once, or when `result` (something to await) is done."""
+        if result is None or isinstance(result, GatewayResponse):
+            decided.set_result(result)
+            return
+        waited = asyncio.ensure_future(result)
+        waited.add_done_callback(partial(_copy_outcome, decided))
+
+    def _decided(
+        self, ex: Exchange, limits: CompiledLimits, keyed: list[Limit], combined: CombinedDecision
+    ) -> GatewayResponse | Awaitable[None] | None:
+        """`outcome` of what Redis decided."""
+        store = self.remote
+        if ex.t_end and combined.decision.allowed and limits.concurrency:
+            # The client left while Redis answered: its log phase has run already.
+            release_all(store, limits.concurrency_keys(keyed), self._cost)
+            return None
+        return self.outcome(ex, limits, keyed, combined, store)
+
+    def _unavailable(
+        self, ex: Exchange, limits: CompiledLimits, keyed: list[Limit]
+    ) -> GatewayResponse | Awaitable[None] | None:
+        """Redis cannot answer: refuse (`deny`), or decide in the fallback store (`allow`)."""
+        if not self.allow_on_error:
+            self.denied += 1
+            ex.note_outcome(POLICY_NAME, "store-unavailable")
+            return error_response(
+                503,
+                "rate_limit_unavailable",
+                "Rate limits cannot be checked right now",
+                ex.request_id,
+                retry_after=1,
+            )
+        self.fallbacks += 1
+        combined = self.fallback.hit(keyed, self._clock.wall(), self._cost)
+        return self.outcome(ex, limits, keyed, combined, self.fallback)
+
+    async def _retried(
+        self, ex: Exchange, limits: CompiledLimits, keyed: list[Limit], error: RedisReplyError
+    ) -> GatewayResponse | None:
+        try:
+            combined = await self.remote.retry_hit(keyed, self._cost, error)
+        except StoreUnavailable:
+            return await _resolved(self._unavailable(ex, limits, keyed))
+        return await _resolved(self._decided(ex, limits, keyed, combined))
 
     async def _remote(
         self, ex: Exchange, limits: CompiledLimits, keyed: list[Limit]
@@ -331,31 +413,31 @@ class RedisLimiter(RequestLimiter):
         try:
             combined = await self.remote.hit(keyed, self._cost)
         except StoreUnavailable:
-            if not self.allow_on_error:
-                self.denied += 1
-                ex.note_outcome(POLICY_NAME, "store-unavailable")
-                return error_response(
-                    503,
-                    "rate_limit_unavailable",
-                    "Rate limits cannot be checked right now",
-                    ex.request_id,
-                    retry_after=1,
-                )
-            self.fallbacks += 1
-            combined = self.fallback.hit(keyed, self._clock.wall(), self._cost)
-            store: object = self.fallback
-        else:
-            store = self.remote
-            if ex.t_end and combined.decision.allowed and limits.concurrency:
-                # The client left while Redis answered: its log phase has run already.
-                release_all(store, limits.concurrency_keys(keyed), self._cost)
-                return None
-        result = self.outcome(ex, limits, keyed, combined, store)
-        if result is None or isinstance(result, GatewayResponse):
-            return result
-        await result  # the leaky bucket's wait
-        return None
+            return await _resolved(self._unavailable(ex, limits, keyed))
+        return await _resolved(self._decided(ex, limits, keyed, combined))
 
     def __repr__(self) -> str:
         plans = sorted(self.by_plan) if self.by_plan is not None else None
         return f"RedisLimiter(own={self.own!r}, plans={plans}, remote={self.remote!r})"
+
+
+async def _resolved(
+    result: GatewayResponse | Awaitable[GatewayResponse | None] | Awaitable[None] | None,
+) -> GatewayResponse | None:
+    """`result`, awaited if it is something to wait for (the leaky bucket's wait: None)."""
+    if result is None or isinstance(result, GatewayResponse):
+        return result
+    outcome = await result
+    return outcome if isinstance(outcome, GatewayResponse) else None
+
+
+def _copy_outcome(
+    decided: asyncio.Future[GatewayResponse | None], waited: asyncio.Future[Any]
+) -> None:
+    if waited.cancelled():
+        decided.cancel()
+    elif waited.exception() is not None:
+        decided.set_exception(waited.exception())  # type: ignore[arg-type]
+    else:
+        outcome = waited.result()
+        decided.set_result(outcome if isinstance(outcome, GatewayResponse) else None)

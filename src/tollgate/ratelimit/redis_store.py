@@ -241,6 +241,32 @@ class RedisStore:
         index, decision = _reported(reply)
         return CombinedDecision(decision, index, ())
 
+    def hit_reply(self, limits: Sequence[Limit], cost: int) -> asyncio.Future[Any] | None:
+        """`hit`'s round trip started, for the request path: the Future of the script's reply
+        (`decision_of` reads it; NOSCRIPT and the store's failures are its exceptions), or
+        None if the store has no connection up (`hit` then waits for one or fails)."""
+        if type(cost) is not int or cost < 1:
+            raise ValueError(_COST_ERROR.format(cost))
+        if not limits:
+            raise ValueError("a hit needs at least one limit")
+        if not self._ready or not self._client.available:
+            return None
+        return self._client.execute_encoded(self._call(_HIT, limits, cost))
+
+    @staticmethod
+    def decision_of(reply: bytes) -> CombinedDecision:
+        """What a `hit_reply` reply says (the states stay in Redis)."""
+        index, decision = _reported(reply)
+        return CombinedDecision(decision, index, ())
+
+    async def retry_hit(
+        self, limits: Sequence[Limit], cost: int, error: RedisReplyError
+    ) -> CombinedDecision:
+        """`hit` after its reply was `error`: NOSCRIPT loads the script and calls again (a
+        NOSCRIPT call ran nothing); any other error is raised."""
+        reply = await self._after_error(error, self._call(_HIT, limits, cost))
+        return self.decision_of(reply)
+
     async def peek(self, key: str, algorithm: RateAlgorithm[Any]) -> Decision:
         """What a request of cost 1 for `key` would be told now; nothing is spent."""
         reply = await self._evaluate(self._call(_PEEK, [(key, algorithm)], 1))

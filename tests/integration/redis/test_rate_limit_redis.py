@@ -166,3 +166,42 @@ async def test_deny_answers_503_with_retry_after_while_redis_is_down(
     own_redis.restart()  # empty: the count starts afresh
     await reconnected(gateway)
     assert [s for s, _, _ in await statuses(http, gateway, 6)] == [200] * 5 + [429]
+
+
+async def test_a_script_redis_lost_is_loaded_again_on_the_request_path(
+    upstream: RecordingUpstream, redis: RedisServer, start: Starter, http: aiohttp.ClientSession
+) -> None:
+    # After a restart or a failover Redis answers NOSCRIPT: the request that got it loads the
+    # script, is decided by the second call, and is counted once.
+    gateway = await start(config(upstream.url, redis.url, "deny"))
+    assert [s for s, _, _ in await statuses(http, gateway, 2)] == [200, 200]
+    redis.command("SCRIPT", "FLUSH")
+    answers = await statuses(http, gateway, 4)
+    assert [status for status, _, _ in answers] == [200, 200, 200, 429]
+    assert [headers["X-RateLimit-Remaining"] for _, headers, _ in answers] == list("2100")
+    assert limiter_of(gateway).denied == limiter_of(gateway).fallbacks == 0
+
+
+async def test_the_leaky_bucket_in_redis_spaces_requests_out(
+    upstream: RecordingUpstream, redis: RedisServer, start: Starter, http: aiohttp.ClientSession
+) -> None:
+    # Ten a second, up to 1 s in line: three requests at once leave 0, 0.1 and 0.2 s late.
+    data = config(upstream.url, redis.url, "deny")
+    [policy] = data["services"][0]["policies"]
+    policy["rate-limit"]["limits"] = [
+        {"name": "paced", "algorithm": "leaky-bucket", "rate": 10, "max_delay": "1s"}
+    ]
+    gateway = await start(data)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    ended: list[float] = []
+
+    async def one() -> int:
+        async with http.get(f"http://127.0.0.1:{gateway.port}/") as reply:
+            await reply.read()
+            ended.append(loop.time() - began)
+            return reply.status
+
+    assert sorted(await asyncio.gather(one(), one(), one())) == [200, 200, 200]
+    assert max(ended) >= 0.19  # the last one waited its turn (two intervals of 0.1 s)
+    assert len(upstream.requests) == 3
