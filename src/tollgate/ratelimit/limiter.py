@@ -401,9 +401,13 @@ class RedisLimiter(RequestLimiter):
     async def _retried(
         self, ex: Exchange, limits: CompiledLimits, keyed: list[Limit], error: RedisReplyError
     ) -> GatewayResponse | None:
+        # No `await` inside an `except` block in this compiled module: mypyc's coroutines would
+        # leave the handled error set as the thread's current exception.
         try:
             combined = await self.remote.retry_hit(keyed, self._cost, error)
         except StoreUnavailable:
+            combined = None
+        if combined is None:
             return await _resolved(self._unavailable(ex, limits, keyed))
         return await _resolved(self._decided(ex, limits, keyed, combined))
 
@@ -413,6 +417,8 @@ class RedisLimiter(RequestLimiter):
         try:
             combined = await self.remote.hit(keyed, self._cost)
         except StoreUnavailable:
+            combined = None  # no `await` in `except` (see `_retried`)
+        if combined is None:
             return await _resolved(self._unavailable(ex, limits, keyed))
         return await _resolved(self._decided(ex, limits, keyed, combined))
 

@@ -234,10 +234,15 @@ class RedisStore:
         # `_evaluate`, inlined: a coroutine less per request.
         if not self._ready:
             await self._first_connection()
+        # No `await` inside an `except` block in this compiled module: mypyc's coroutines would
+        # leave the handled error set as the thread's current exception (a test checks).
+        failed: RedisReplyError | None = None
         try:
             reply = await self._client.execute_encoded(command)
         except RedisReplyError as error:
-            reply = await self._after_error(error, command)
+            failed = error
+        if failed is not None:
+            reply = await self._after_error(failed, command)
         index, decision = _reported(reply)
         return CombinedDecision(decision, index, ())
 
@@ -394,10 +399,12 @@ class RedisStore:
         """The reply to a script call, loading the script again if Redis lost it."""
         if not self._ready:
             await self._first_connection()
+        failed: RedisReplyError | None = None  # no `await` in `except` (see `hit`)
         try:
             return await self._client.execute_encoded(command)
         except RedisReplyError as error:
-            return await self._after_error(error, command)
+            failed = error
+        return await self._after_error(failed, command)
 
     async def _after_error(self, error: RedisReplyError, command: bytes) -> Any:
         """After NOSCRIPT, load the script and call again (a NOSCRIPT call ran nothing)."""
