@@ -2,8 +2,9 @@
 
 The data plane is plain, fully typed Python; mypyc turns these modules into C extensions that
 run the same code about twice as fast (bench/hotpath.py measures it). Everything else stays
-interpreted, but for one hand-written C module: the shared-memory store's locks and records
-(src/tollgate/ratelimit/_shmtable.c, which says why). Set TOLLGATE_PURE_PYTHON=1 to skip
+interpreted, but for two hand-written C modules, which say why: the shared-memory store's
+locks, records and decisions (src/tollgate/ratelimit/_shmtable.c), and the metrics' duration
+histograms (src/tollgate/observe/_durations.c). Set TOLLGATE_PURE_PYTHON=1 to skip
 compilation (the package then runs the same modules as Python, slower); without a C compiler
 the build falls back to that by itself.
 """
@@ -48,7 +49,13 @@ def compiled_modules() -> list:
             ["src/tollgate/ratelimit/_shmtable.c"],
             extra_compile_args=["-O2"],
         )
-        return [*mypycify(HOT_PATH, opt_level="3", debug_level="0"), table]
+        # And the metrics' duration histograms.
+        durations = Extension(
+            "tollgate.observe._durations",
+            ["src/tollgate/observe/_durations.c"],
+            extra_compile_args=["-O2"],
+        )
+        return [*mypycify(HOT_PATH, opt_level="3", debug_level="0"), table, durations]
     except Exception as exc:  # no compiler, no mypyc: the pure-Python package still works
         print(f"tollgate: not compiling the request path ({exc})", file=sys.stderr)
         return []

@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     from tollgate.http.exchange import Exchange
 
 # Seconds. Prometheus' `le` bounds: a value lands in the first bucket whose bound is >= it.
-DURATION_BUCKETS: Final = (
+# Not `Final`: compiled, a Final tuple of floats is inlined where it is iterated and reads as
+# "not set" (NameError) where it is passed on as an object.
+DURATION_BUCKETS: tuple[float, ...] = (
     0.0005,
     0.001,
     0.0025,
@@ -86,35 +88,64 @@ class Histogram:
         return [*self.counts, self.sum]
 
 
+class Durations:
+    """The request, gateway and upstream duration histograms of one route.
+
+    The reference of `tollgate.observe._durations.Durations`, which counts the same in C (no
+    Python object per call) and replaces it when the build has it.
+    """
+
+    __slots__ = ("gateway", "request", "upstream")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        assert bounds == DURATION_BUCKETS
+        self.request = Histogram()
+        self.gateway = Histogram()
+        self.upstream = Histogram()
+
+    def observe(self, total: float, upstream: float) -> None:
+        """One call's seconds; `upstream` < 0 when it had no upstream."""
+        self.request.observe(total)
+        if upstream >= 0:
+            self.upstream.observe(upstream)
+            self.gateway.observe(total - upstream if total > upstream else 0.0)
+        else:
+            self.gateway.observe(total)
+
+    def lists(self) -> tuple[list[Any], list[Any], list[Any]]:
+        return self.request.to_list(), self.gateway.to_list(), self.upstream.to_list()
+
+
+try:
+    from tollgate.observe._durations import (  # type: ignore[import-not-found,unused-ignore]
+        Durations as _CompiledDurations,
+    )
+except ImportError:  # a build without a compiler: the Python class
+    _CompiledDurations = None
+# What `RouteMetrics` counts durations with: the C type if built, else `Durations`.
+DURATIONS: Final[Any] = Durations if _CompiledDurations is None else _CompiledDurations
+
+
 class RouteMetrics:
     """What one route (service, route) counted in one worker."""
 
-    __slots__ = (
-        "bytes_in",
-        "bytes_out",
-        "errors",
-        "gateway_duration",
-        "request_duration",
-        "requests",
-        "upstream_duration",
-    )
+    __slots__ = ("bytes_in", "bytes_out", "durations", "errors", "requests")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[int, str], int] = {}
         self.errors: dict[str, int] = {}
-        self.request_duration = Histogram()
-        self.gateway_duration = Histogram()
-        self.upstream_duration = Histogram()
+        self.durations: Any = DURATIONS(DURATION_BUCKETS)
         self.bytes_in = 0
         self.bytes_out = 0
 
     def to_dict(self) -> dict[str, Any]:
+        request, gateway, upstream = self.durations.lists()
         return {
             "requests": [[code, source, count] for (code, source), count in self.requests.items()],
             "errors": self.errors,
-            "request_duration": self.request_duration.to_list(),
-            "gateway_duration": self.gateway_duration.to_list(),
-            "upstream_duration": self.upstream_duration.to_list(),
+            "request_duration": request,
+            "gateway_duration": gateway,
+            "upstream_duration": upstream,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
@@ -150,14 +181,9 @@ class WorkerMetrics:
             metrics.errors[error] = metrics.errors.get(error, 0) + 1
         end = ex.t_end
         total = end - ex.t_start if end > ex.t_start else 0.0
-        metrics.request_duration.observe(total)
         upstream_start = ex.t_upstream_start
-        if upstream_start and end >= upstream_start:
-            upstream = end - upstream_start
-            metrics.upstream_duration.observe(upstream)
-            metrics.gateway_duration.observe(total - upstream if total > upstream else 0.0)
-        else:
-            metrics.gateway_duration.observe(total)
+        upstream = end - upstream_start if upstream_start and end >= upstream_start else -1.0
+        metrics.durations.observe(total, upstream)
         metrics.bytes_in += ex.body_bytes
         metrics.bytes_out += ex.bytes_out
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from tollgate.config.loader import parse_config_data
 from tollgate.http.exchange import Exchange
+from tollgate.observe import metrics as metrics_module
 from tollgate.observe.metrics import DURATION_BUCKETS, WorkerMetrics, merge_snapshots, render
 from tollgate.runtime.runtime import PoolRegistry, compile_config
 
@@ -162,3 +167,42 @@ def test_consumer_labels_are_opt_in() -> None:
         if s.name.endswith("_total")
     }
     assert counts == {("acme", "200"): 2, ("", "401"): 2}
+
+
+# The C histograms (observe/_durations.c) against the Python reference, call for call.
+durations = st.floats(allow_nan=False, allow_infinity=True, min_value=0.0)
+upstreams = st.one_of(st.just(-1.0), durations)
+
+
+@settings(max_examples=200)
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.one_of(durations, st.sampled_from([*DURATION_BUCKETS, 0.0, 1e-9, 120.0])),
+            st.one_of(upstreams, st.sampled_from([*DURATION_BUCKETS, 0.0])),
+        ),
+        max_size=60,
+    )
+)
+def test_the_compiled_histograms_count_as_the_python_ones(
+    calls: list[tuple[float, float]],
+) -> None:
+    if metrics_module.DURATIONS is metrics_module.Durations:
+        if os.environ.get("TOLLGATE_PURE_PYTHON") == "1":
+            pytest.skip("a pure-Python build has no compiled histograms")
+        pytest.fail("the compiled histograms (tollgate.observe._durations) are not built")
+    compiled = metrics_module.DURATIONS(DURATION_BUCKETS)
+    reference = metrics_module.Durations(DURATION_BUCKETS)
+    for total, upstream in calls:
+        compiled.observe(total, upstream)
+        reference.observe(total, upstream)
+    assert compiled.lists() == reference.lists()
+
+
+def test_the_compiled_histograms_refuse_bounds_they_cannot_hold() -> None:
+    if metrics_module.DURATIONS is metrics_module.Durations:
+        pytest.skip("no compiled histograms in this build")
+    with pytest.raises(ValueError, match="ascend"):
+        metrics_module.DURATIONS((0.1, 0.1))
+    with pytest.raises(ValueError, match="at most 32"):
+        metrics_module.DURATIONS(tuple(float(n) for n in range(33)))
