@@ -214,6 +214,10 @@ async def test_response_hop_by_hop_headers_are_removed_and_end_to_end_kept_in_or
     assert kept == end_to_end
     assert response.header_values("transfer-encoding") == ["chunked"]
     assert echoed(response.body)["path"] == "/a"
+    # What the gateway adds after the upstream's headers survives their pruning.
+    [request_id] = response.header_values("x-request-id")
+    assert values(echoed(response.body), "x-request-id") == [request_id]
+    assert response.header_values("via") == ["1.1 tollgate"]
 
 
 async def test_chunked_upstream_response_reaches_an_http10_client_delimited_by_close(

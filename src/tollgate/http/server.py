@@ -81,6 +81,18 @@ _IDS: Final = REQUEST_IDS
 _CHUNK_END: Final = b"0\r\n\r\n"
 
 
+# The latency fields and Via, rendered once for the usual few milliseconds of each side.
+_LATENCY_FORMAT: Final = (
+    b"X-Tollgate-Upstream-Latency: %d\r\nX-Tollgate-Latency: %d\r\nVia: 1.1 tollgate\r\n"
+)
+_LATENCY_CACHED: Final = 16
+_LATENCY_LINES: Final = tuple(
+    _LATENCY_FORMAT % (upstream, gateway)
+    for upstream in range(_LATENCY_CACHED)
+    for gateway in range(_LATENCY_CACHED)
+)
+
+
 def _check_repeatable(lname: bytes) -> None:
     """A second copy of these headers is a smuggling vector: refuse it."""
     if lname == b"content-length":
@@ -819,11 +831,10 @@ class ClientConnection(asyncio.Protocol):
     def _request_head(self, ex: Exchange, route: CompiledRoute, target: TargetEntry) -> bytes:
         header_map = ex.header_map
         parts: list[bytes] = [ex.method_raw, b" ", ex.upstream_path]
-        append = parts.append
         if ex.query:
-            append(b"?")
-            append(ex.query)
-        append(b" HTTP/1.1\r\n")
+            parts.append(b"?")
+            parts.append(ex.query)
+        parts.append(b" HTTP/1.1\r\n")
         drop = route.drop_request_headers
         removed: frozenset[bytes] | set[bytes] | None = ex.upstream_remove
         connection = header_map.get(b"connection")
@@ -834,10 +845,10 @@ class ClientConnection(asyncio.Protocol):
         for lname, name, value in ex.headers:
             if lname in drop or (removed is not None and lname in removed):
                 continue
-            append(name)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         client_host = header_map.get(b"host", b"")
         forwarded_for = header_map.get(b"x-forwarded-for")
         via = header_map.get(b"via")
@@ -849,35 +860,35 @@ class ClientConnection(asyncio.Protocol):
                 self.forward_block = self._forward_block(
                     target.host_header, client_host, None, None
                 )
-            append(self.forward_block)
+            parts.append(self.forward_block)
         else:
             host = client_host if route.preserve_host and client_host else target.host_header
-            append(self._forward_block(host, client_host, forwarded_for, via))
-        append(route.request_id_header)
-        append(b": ")
-        append(ex.request_id.encode())
-        append(b"\r\n")
+            parts.append(self._forward_block(host, client_host, forwarded_for, via))
+        parts.append(route.request_id_header)
+        parts.append(b": ")
+        parts.append(ex.request_id.encode())
+        parts.append(b"\r\n")
         trace = ex.trace
         if trace is not None:
-            append(trace.header)
+            parts.append(trace.header)
         for name, value in ex.upstream_headers:
-            append(name)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         if ex.request_chunked:
-            append(b"Transfer-Encoding: chunked\r\n")
+            parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
             length = header_map.get(b"content-length")
             if length is not None:
-                append(b"Content-Length: ")
-                append(length.strip())
-                append(b"\r\n")
+                parts.append(b"Content-Length: ")
+                parts.append(length.strip())
+                parts.append(b"\r\n")
         if ex.upgrade:
-            append(b"Connection: upgrade\r\nUpgrade: ")
-            append(header_map.get(b"upgrade", b""))
-            append(b"\r\n")
-        append(b"\r\n")
+            parts.append(b"Connection: upgrade\r\nUpgrade: ")
+            parts.append(header_map.get(b"upgrade", b""))
+            parts.append(b"\r\n")
+        parts.append(b"\r\n")
         return b"".join(parts)
 
     def _forward_block(
@@ -919,7 +930,6 @@ class ClientConnection(asyncio.Protocol):
             ex.captured_response_headers = headers
         line = _STATUS_LINES.get((status, reason))
         parts: list[bytes] = [line if line is not None else _status_line(status, reason)]
-        append = parts.append
         has_length = False
         listed = None
         kinds = _RESPONSE_KINDS
@@ -935,16 +945,16 @@ class ClientConnection(asyncio.Protocol):
                 or (kind == REQUEST_ID and not echo_id)
                 or (kind == UPGRADE and status == 101)
             ):
-                append(name)
-                append(b": ")
-                append(value)
-                append(b"\r\n")
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(b"\r\n")
             elif kind == CONTENT_LENGTH and not rewrites_body:
                 has_length = True
-                append(name)
-                append(b": ")
-                append(value)
-                append(b"\r\n")
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(b"\r\n")
             elif kind == CONNECTION and value.lower() not in PLAIN_CONNECTION_VALUES:
                 listed = connection_tokens(value) - PLAIN_CONNECTION_TOKENS
         if listed:
@@ -960,24 +970,26 @@ class ClientConnection(asyncio.Protocol):
                 self.close_after = True
         if echo_id:
             # The gateway's id replaces an upstream's own X-Request-Id (kind 5, dropped above).
-            append(route.request_id_header)
-            append(b": ")
-            append(ex.request_id.encode())
-            append(b"\r\n")
+            parts.append(route.request_id_header)
+            parts.append(b": ")
+            parts.append(ex.request_id.encode())
+            parts.append(b"\r\n")
         if ex.response_headers:
             for name, value in ex.response_headers:
-                append(name)
-                append(b": ")
-                append(value)
-                append(b"\r\n")
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(b"\r\n")
         if ex.response_block:
-            append(ex.response_block)
+            parts.append(ex.response_block)
         upstream_ms = int((now - ex.t_upstream_start) * 1000)
         gateway_ms = int((now - ex.t_start) * 1000) - upstream_ms
-        parts.append(
-            b"X-Tollgate-Upstream-Latency: %d\r\nX-Tollgate-Latency: %d\r\nVia: 1.1 tollgate\r\n"
-            % (upstream_ms, gateway_ms if gateway_ms > 0 else 0)
-        )
+        if gateway_ms < 0:
+            gateway_ms = 0
+        if 0 <= upstream_ms < _LATENCY_CACHED and gateway_ms < _LATENCY_CACHED:
+            parts.append(_LATENCY_LINES[upstream_ms * _LATENCY_CACHED + gateway_ms])
+        else:
+            parts.append(_LATENCY_FORMAT % (upstream_ms, gateway_ms))
         if status != 101 and not self._client_keep_alive(ex):
             parts.append(b"Connection: close\r\n\r\n")
         elif ex.version == b"1.0" and status != 101:
