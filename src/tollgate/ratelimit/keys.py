@@ -30,6 +30,8 @@ KEY_KINDS = ("consumer", "credential", "ip", "route", "service", "header", "path
 # Addresses whose trust was looked up recently, so a busy proxy costs one dict lookup per
 # request instead of an address parse and a scan of the networks. Cleared when full.
 TRUST_CACHE_SIZE = 4096
+# Consumers whose key part is kept ready, per key builder. Cleared when full.
+NAME_CACHE_SIZE = 4096
 
 _FORWARDED_FOR = b"x-forwarded-for"
 
@@ -173,10 +175,21 @@ class KeyBuilder:
     def _part(self, spec: str, service: str, route: str) -> KeyPart:
         ip = self._ip
         if spec == "consumer":
+            # Each consumer's key made once: the same string object (its hash kept) for every
+            # request, where a concatenation per request made and hashed a new one.
+            keys: dict[str, str] = {}
 
             def consumer(ex: Exchange) -> str:
                 entry = ex.consumer
-                return ip(ex) if entry is None else "consumer=" + entry.name
+                if entry is None:
+                    return ip(ex)
+                name = entry.name
+                key = keys.get(name)
+                if key is None:
+                    if len(keys) >= NAME_CACHE_SIZE:
+                        keys.clear()
+                    key = keys[name] = "consumer=" + name
+                return key
 
             return consumer
         if spec == "credential":

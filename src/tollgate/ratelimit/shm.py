@@ -141,6 +141,8 @@ LOCATION_CACHE_SIZE: Final = 4096
 # Algorithms whose codec and C parameters a store remembers, cleared when full: a gateway has
 # one algorithm object per configured limit, replaced only by a reload.
 DECIDER_CACHE_SIZE: Final = 1024
+# Keys whose C arguments `hit_fields` keeps ready (as LOCATION_CACHE_SIZE), cleared when full.
+PREPARED_CACHE_SIZE: Final = 4096
 
 FREE: Final = 0
 # One tag per algorithm kind: a key's records under two kinds are two records.
@@ -436,6 +438,7 @@ class SharedMemoryStore:
         "_map",
         "_owner",
         "_path",
+        "_prepared",
         "_records_at",
         "_salt",
         "_slots",
@@ -468,6 +471,8 @@ class SharedMemoryStore:
         self._stripe_bytes = layout.stripe_slots * RECORD_SIZE
         self._records_at = layout.records_at
         self._locations: dict[str, _Place] = {}
+        # key -> (algorithm, packed place, C parameters): `hit_fields`' one lookup per request.
+        self._prepared: dict[str, tuple[RateAlgorithm[Any], bytes, bytes]] = {}
         # The process generation this store may be used in; -1 once closed.
         self._owner = _process_generation
 
@@ -645,6 +650,23 @@ class SharedMemoryStore:
         having counted nothing: this request is not one the C decides (see `_hit_one_compiled`);
         `hit` then decides it.
         """
+        if self._owner != _process_generation:
+            self._refuse()
+        prepared = self._prepared.get(key)
+        if prepared is None or prepared[0] is not algorithm:
+            prepared = self._prepare(key, algorithm)
+            if prepared is None:
+                return None
+        result: bytes | tuple[Any, ...] | None = self._c_hit(
+            self._map, prepared[1], prepared[2], now, cost, pieces
+        )
+        return result
+
+    def _prepare(
+        self, key: str, algorithm: RateAlgorithm[Any]
+    ) -> tuple[RateAlgorithm[Any], bytes, bytes] | None:
+        """`hit_fields`' arguments to the C for `key` under `algorithm`, kept for its next
+        request; None if the C does not decide this algorithm (or is not in use)."""
         if self._c_hit is None or self._lock_mode == LOCKS_FCNTL:
             return None
         decider = self._deciders.get(algorithm)
@@ -653,13 +675,12 @@ class SharedMemoryStore:
         params = decider[1]
         if params is None:
             return None
-        if self._owner != _process_generation:
-            self._refuse()
         place = self._locations.get(key) or self._place(key)
-        result: bytes | tuple[Any, ...] | None = self._c_hit(
-            self._map, place[7], params, now, cost, pieces
-        )
-        return result
+        prepared = (algorithm, place[7], params)
+        if len(self._prepared) >= PREPARED_CACHE_SIZE:
+            self._prepared.clear()
+        self._prepared[key] = prepared
+        return prepared
 
     def _decider(self, algorithm: RateAlgorithm[Any]) -> tuple[_Codec, bytes | None]:
         """`algorithm`'s codec and C parameters, worked out on its first request only."""
