@@ -190,18 +190,19 @@ local function period(key, state, limit, current, period_end, later, extra)
   return {false, limit, limit - used, reset, retry, 0}
 end
 
-local decide = {}
-
-decide.f = function(key, p)
+-- Each kind's decider, made only when a call needs it: a closure per call of the script
+-- costs Redis CPU (every definition of the main chunk is made again on every call).
+local function decider(kind)
+  if kind == 'f' then return function(key, p)
   local limit, window = p[1], p[2]
   local function period_end(start) return start + window end
   local function later(t, start) return t - math.fmod(t, window) > start end
   local function packed(start, spent) return struct.pack('<dd', start, spent) end
   local state = fields(redis.call('GET', key), '<dd', 16)
   return period(key, state, limit, now - math.fmod(now, window), period_end, later, packed)
-end
+  end end
 
-decide.q = function(key, p)
+  if kind == 'q' then return function(key, p)
   local limit, current, finish = p[1], p[2], p[3]
   if now >= finish then current, finish = p[3], p[4] end
   local state = fields(redis.call('GET', key), '<ddd', 24)
@@ -214,10 +215,10 @@ decide.q = function(key, p)
     return struct.pack('<ddd', start, spent, period_end(start))
   end
   return period(key, state, limit, current, period_end, later, packed)
-end
+  end end
 
 -- algorithms.SlidingWindowCounter
-decide.s = function(key, p)
+  if kind == 's' then return function(key, p)
   local limit, window = p[1], p[2]
   local state = fields(redis.call('GET', key), '<ddd', 24)
   local function roll(t)
@@ -270,7 +271,7 @@ decide.s = function(key, p)
   end
   local remaining = math.max(0, limit - current - math.ceil(fading))
   return {false, limit, remaining, faded - now, retry, 0}
-end
+  end end
 
 -- algorithms.SlidingWindowLog, on a sorted set.
 local function entry(total, spent)
@@ -280,7 +281,7 @@ local function total_of(member)
   return tonumber(string.sub(member, 1, 16))
 end
 
-decide.w = function(key, p)
+  if kind == 'w' then return function(key, p)
   local limit, window = p[1], p[2]
   local count = redis.call('ZCARD', key)
   if count == 0 then
@@ -332,10 +333,10 @@ decide.w = function(key, p)
   local reset = 0
   if used ~= 0 then reset = newest_at + window - now end
   return {false, limit, limit - used, reset, retry, 0}
-end
+  end end
 
 -- algorithms.TokenBucket
-decide.t = function(key, p)
+  if kind == 't' then return function(key, p)
   local burst, rate = p[1], p[2]
   local capacity = burst
   local state = fields(redis.call('GET', key), '<dd', 16)
@@ -366,10 +367,10 @@ decide.t = function(key, p)
   end
   local reset = updated_at + (capacity - tokens) / rate - now
   return {false, burst, trunc(tokens + EPSILON), reset, retry, 0}
-end
+  end end
 
 -- algorithms.LeakyBucket: `room` is its `_room`, `capacity` its `capacity`.
-decide.l = function(key, p)
+  if kind == 'l' then return function(key, p)
   local rate, room_at_most, capacity = p[1], p[2], p[3]
   local state = fields(redis.call('GET', key), '<dd', 16)
   local function queued_at(t)
@@ -404,10 +405,10 @@ decide.l = function(key, p)
   local remaining = 0
   if room >= 0 then remaining = trunc(room) + 1 end
   return {false, capacity, remaining, updated_at - now + queued / rate, retry, 0}
-end
+  end end
 
 -- algorithms.Concurrency
-decide.c = function(key, p)
+  if kind == 'c' then return function(key, p)
   local limit, hint = p[1], p[2]
   local in_flight = tonumber(redis.call('GET', key)) or 0
   if in_flight + cost <= limit then
@@ -420,6 +421,7 @@ decide.c = function(key, p)
   local reset = 0
   if in_flight ~= 0 then reset = hint end
   return {false, limit, limit - in_flight, reset, retry, 0}
+  end end
 end
 
 if op == 'r' then
@@ -444,7 +446,7 @@ for index, key in ipairs(KEYS) do
     parameters[offset] = tonumber(ARGV[at + offset])
   end
   at = at + count + 1
-  local decision, write = decide[kind](key, parameters)
+  local decision, write = decider(kind)(key, parameters)
   decisions[index], writes[index] = decision, write
   if not decision[1] then admitted = false end
 end
