@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,18 +32,6 @@ LIMIT = 500
 # Against PostgreSQL, fewer: the same paths, a shorter test.
 SMALL_LOAD = {kind: max(20, count // 10) for kind, count in LOAD.items()}
 SMALL_LIMIT = 100
-
-
-@pytest.fixture
-async def streaming() -> AsyncIterator[StreamingUpstream]:
-    """A chunked answer of five lines, 0.1 s apart: clients leave after its head. The line
-    after they left meets their reset, the next one fails: the gateway learns it mid-answer."""
-    server = StreamingUpstream(count=5, pause=0.1)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 def _config(upstream: Upstream, streaming: StreamingUpstream, limit: int, **top: Any) -> Any:

@@ -5,63 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
-import pytest
-from aiohttp import web
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 if TYPE_CHECKING:
+    from otlp_collector import Collector
+
     from conftest import StartGateway, Upstream
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CALLS = 20
-
-
-class Collector:
-    """An OTLP/HTTP collector in the test's event loop: keeps the spans POSTed to /v1/traces."""
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-        self.resources: set[str] = set()
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/traces", self._traces)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = int(self._runner.addresses[0][1])
-
-    async def _traces(self, request: web.Request) -> web.Response:
-        assert request.content_type == "application/x-protobuf"
-        message = ExportTraceServiceRequest()
-        message.ParseFromString(await request.read())
-        for resource_spans in message.resource_spans:
-            for attribute in resource_spans.resource.attributes:
-                if attribute.key == "service.instance.id":
-                    self.resources.add(attribute.value.string_value)
-            for scope_spans in resource_spans.scope_spans:
-                self.spans.extend(scope_spans.spans)
-        return web.Response(body=b"", content_type="application/x-protobuf")
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
-@pytest.fixture
-async def collector() -> AsyncIterator[Collector]:
-    server = Collector()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 async def test_workers_export_their_spans_when_they_stop(
@@ -72,7 +26,7 @@ async def test_workers_export_their_spans_when_they_stop(
     # Batches far larger than the calls and a long interval: only the drain exports.
     config["tracing"] = {
         "enabled": True,
-        "endpoint": f"http://127.0.0.1:{collector.port}/v1/traces",
+        "endpoint": collector.url,
         "flush_interval": "10m",
         "batch_size": 1000,
         "queue": 1000,

@@ -12,7 +12,7 @@ from redis_server import RedisServer, redis_server_binary
 from tollgate.config.loader import parse_config_data
 from tollgate.runtime.worker import Gateway
 
-GatewayStarter = Callable[[dict[str, Any]], Awaitable[Gateway]]
+GatewayStarter = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
@@ -27,11 +27,13 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
 
 @pytest.fixture
 async def start_gateway() -> AsyncIterator[GatewayStarter]:
-    """Start a Gateway from a config mapping on an ephemeral port; closed after the test."""
+    """Start a Gateway from a config mapping on an ephemeral port; closed after the test.
+
+    Keyword options go to `Gateway` (a test's clock, a span exporter)."""
     started: list[Gateway] = []
 
-    async def start(config: dict[str, Any]) -> Gateway:
-        gateway = Gateway(parse_config_data(config))
+    async def start(config: dict[str, Any], **options: Any) -> Gateway:
+        gateway = Gateway(parse_config_data(config), **options)
         await gateway.start()
         started.append(gateway)
         return gateway

@@ -10,7 +10,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +53,6 @@ async def _exchange(port: int, data: bytes) -> Any:
     async with await RawClient.open(port) as client:
         await client.send(data)
         return await read_response(client.reader)
-
-
-@pytest.fixture
-async def streaming() -> AsyncIterator[StreamingUpstream]:
-    server = StreamingUpstream(count=5, pause=0.1)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 async def test_a_mixed_load_in_process_makes_one_record_per_call(

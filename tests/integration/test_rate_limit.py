@@ -70,21 +70,13 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def start(clock: FakeClock) -> AsyncIterator[Starter]:
+def start(clock: FakeClock, start_gateway: Callable[..., Awaitable[Gateway]]) -> Starter:
     """Start gateways on the test's fake clock; closed after the test."""
-    started: list[Gateway] = []
 
     async def start(data: dict[str, Any]) -> Gateway:
-        gateway = Gateway(parse_config_data(data), clock=clock)
-        await gateway.start()
-        started.append(gateway)
-        return gateway
+        return await start_gateway(data, clock=clock)
 
-    try:
-        yield start
-    finally:
-        for gateway in started:
-            await gateway.close()
+    return start
 
 
 @pytest.fixture

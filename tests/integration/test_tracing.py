@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from http_wire import RawClient, RawResponse, read_response, request
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from otlp_collector import Collector
 from recording_upstream import RecordedRequest, RecordingUpstream
 from upstreams import free_port
 
@@ -65,21 +65,13 @@ TRACED = {"enabled": True}
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Starter]:
+def start(start_gateway: Callable[..., Awaitable[Gateway]]) -> Starter:
     """Start a Gateway from a config mapping, with an exporter of the test's; closed after."""
-    started: list[Gateway] = []
 
     async def start(config: dict[str, Any], exporter: Any = None) -> Gateway:
-        gateway = Gateway(parse_config_data(config), span_exporter=exporter)
-        await gateway.start()
-        started.append(gateway)
-        return gateway
+        return await start_gateway(config, span_exporter=exporter)
 
-    try:
-        yield start
-    finally:
-        for gateway in started:
-            await gateway.close()
+    return start
 
 
 async def _call(gateway: Gateway, data: bytes) -> RawResponse:
@@ -488,50 +480,12 @@ async def test_without_tracing_records_have_no_trace_id(
 # -- export ------------------------------------------------------------------------------------
 
 
-class Collector:
-    """A tiny OTLP/HTTP collector: keeps every POST to /v1/traces."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[str, bytes]] = []
-        self.received = asyncio.Event()
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/traces", self._traces)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def _traces(self, request: web.Request) -> web.Response:
-        self.posts.append((request.content_type, await request.read()))
-        self.received.set()
-        return web.Response(body=b"", content_type="application/x-protobuf")
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
-@pytest.fixture
-async def collector() -> AsyncIterator[Collector]:
-    server = Collector()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.close()
-
-
 async def test_spans_are_exported_over_otlp_http(
     start: Starter, upstream: RecordingUpstream, collector: Collector
 ) -> None:
     tracing = {
         **TRACED,
-        "endpoint": f"http://127.0.0.1:{collector.port}/v1/traces",
+        "endpoint": collector.url,
         "headers": {"x-collector-token": "t0k3n"},
         "flush_interval": "50ms",
     }
@@ -542,15 +496,8 @@ async def test_spans_are_exported_over_otlp_http(
     await gateway.close()  # flushes whatever is left
     assert collector.posts
     assert {content_type for content_type, _ in collector.posts} == {"application/x-protobuf"}
-    trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
-    spans = []
-    for _, body in collector.posts:
-        message = trace_service.ExportTraceServiceRequest()
-        message.ParseFromString(body)
-        for resource_spans in message.resource_spans:
-            for scope_spans in resource_spans.scope_spans:
-                assert scope_spans.scope.name == "tollgate"
-                spans.extend(scope_spans.spans)
+    assert collector.scopes == {"tollgate"}
+    spans = collector.spans
     assert sorted(span.name for span in spans) == ["GET", "GET /private", "policies"]
     assert {span.trace_id.hex() for span in spans} == {TRACE_ID}
 

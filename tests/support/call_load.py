@@ -19,7 +19,6 @@ sink with the calls, field by field.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -240,17 +239,3 @@ def check_records(rows: Iterable[Mapping[str, Any]], calls: Sequence[Call]) -> C
             assert record["credential_id"] and record["credential_id"].startswith("key-"), where
         statuses[f"{call.kind} {call.status}"] += 1
     return statuses
-
-
-async def wait_until(condition: Any, within: float = 10.0, what: str = "a condition") -> None:
-    """Poll a callable (sync or async) until it returns true."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(within):
-            while True:
-                result = condition()
-                if asyncio.iscoroutine(result):
-                    result = await result
-                if result:
-                    return
-                await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")

@@ -19,6 +19,7 @@ from tollgate import __version__
 from tollgate.errors import ConfigError, TollgateError
 
 if TYPE_CHECKING:
+    from tollgate.observe.reports import Reports
     from tollgate.runtime.supervisor import Supervisor
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -144,29 +145,28 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def analytics(request: web.Request) -> web.Response:
     """`GET /admin/analytics?start=&end=&service=&route=&consumer=&step=&latency=&top=`."""
-    from tollgate.observe.reports import BadQuery
-
-    supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
-    params = dict(request.query)
-    try:
-        report = await asyncio.to_thread(supervisor.reports().analytics, params)
-    except BadQuery as exc:
-        return _error(400, "bad_query", str(exc))
-    return web.json_response(report.to_dict())
+    return await _report(request, lambda reports, query: reports.analytics(query).to_dict())
 
 
 async def logs(request: web.Request) -> web.Response:
     """`GET /admin/logs?start=&end=&status=&service=&route=&consumer=&request_id=&limit=`
     (and `cursor=`, from the previous page's `next_cursor`)."""
+    return await _report(request, lambda reports, query: reports.logs(query))
+
+
+async def _report(
+    request: web.Request, run: Callable[[Reports, dict[str, str]], Any]
+) -> web.Response:
+    """`run` on the supervisor's reports and the query string, off the event loop; 400 with
+    the reason if the query is bad."""
     from tollgate.observe.reports import BadQuery
 
     supervisor: Supervisor = request.app[SUPERVISOR]  # type: ignore[assignment]
-    params = dict(request.query)
     try:
-        page = await asyncio.to_thread(supervisor.reports().logs, params)
+        result = await asyncio.to_thread(run, supervisor.reports(), dict(request.query))
     except BadQuery as exc:
         return _error(400, "bad_query", str(exc))
-    return web.json_response(page)
+    return web.json_response(result)
 
 
 async def start_admin(supervisor: Supervisor, listen: str) -> web.AppRunner:

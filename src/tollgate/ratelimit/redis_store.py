@@ -226,10 +226,7 @@ class RedisStore:
         if any rejects, none does. The decision and `limit_index` are those `decide_all`
         reports; `states` is empty (the states stay in Redis).
         """
-        if type(cost) is not int or cost < 1:
-            raise ValueError(_COST_ERROR.format(cost))
-        if not limits:
-            raise ValueError("a hit needs at least one limit")
+        _check_hit(limits, cost)
         command = self._call(_HIT, limits, cost)
         # `_evaluate`, inlined: a coroutine less per request.
         if not self._ready:
@@ -250,10 +247,7 @@ class RedisStore:
         """`hit`'s round trip started, for the request path: the Future of the script's reply
         (`decision_of` reads it; NOSCRIPT and the store's failures are its exceptions), or
         None if the store has no connection up (`hit` then waits for one or fails)."""
-        if type(cost) is not int or cost < 1:
-            raise ValueError(_COST_ERROR.format(cost))
-        if not limits:
-            raise ValueError("a hit needs at least one limit")
+        _check_hit(limits, cost)
         if not self._ready or not self._client.available:
             return None
         return self._client.execute_encoded(self._call(_HIT, limits, cost))
@@ -437,6 +431,13 @@ class RedisStore:
 
 
 _REPLY: Final = struct.Struct("<7d")
+
+
+def _check_hit(limits: Sequence[Limit], cost: int) -> None:
+    if type(cost) is not int or cost < 1:
+        raise ValueError(_COST_ERROR.format(cost))
+    if not limits:
+        raise ValueError("a hit needs at least one limit")
 
 
 def _reported(reply: bytes) -> tuple[int, Decision]:

@@ -18,7 +18,6 @@ from recording_upstream import RecordingUpstream
 from redis_server import RedisServer
 
 from tollgate.clock import FakeClock
-from tollgate.config.loader import parse_config_data
 from tollgate.policies.rate_limit import RateLimit
 from tollgate.ratelimit.limiter import RedisLimiter
 from tollgate.runtime.worker import Gateway
@@ -58,22 +57,13 @@ Starter = Callable[[dict[str, Any]], Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Starter]:
-    started: list[Gateway] = []
-
+def start(start_gateway: Callable[..., Awaitable[Gateway]]) -> Starter:
     async def start(data: dict[str, Any]) -> Gateway:
         # A clock each, at the same time: in-process gateways with one clock would share
         # one per-worker fallback store, as two nodes never do.
-        gateway = Gateway(parse_config_data(data), clock=FakeClock(wall=START))
-        await gateway.start()
-        started.append(gateway)
-        return gateway
+        return await start_gateway(data, clock=FakeClock(wall=START))
 
-    try:
-        yield start
-    finally:
-        for gateway in started:
-            await gateway.close()
+    return start
 
 
 def limiter_of(gateway: Gateway) -> RedisLimiter:

@@ -174,6 +174,13 @@ durations = st.floats(allow_nan=False, allow_infinity=True, min_value=0.0)
 upstreams = st.one_of(st.just(-1.0), durations)
 
 
+def require_compiled_histograms() -> None:
+    if metrics_module.DURATIONS is metrics_module.Durations:
+        if os.environ.get("TOLLGATE_PURE_PYTHON") == "1":
+            pytest.skip("a pure-Python build has no compiled histograms")
+        pytest.fail("the compiled histograms (tollgate.observe._durations) are not built")
+
+
 @settings(max_examples=200)
 @given(
     calls=st.lists(
@@ -187,10 +194,7 @@ upstreams = st.one_of(st.just(-1.0), durations)
 def test_the_compiled_histograms_count_as_the_python_ones(
     calls: list[tuple[float, float]],
 ) -> None:
-    if metrics_module.DURATIONS is metrics_module.Durations:
-        if os.environ.get("TOLLGATE_PURE_PYTHON") == "1":
-            pytest.skip("a pure-Python build has no compiled histograms")
-        pytest.fail("the compiled histograms (tollgate.observe._durations) are not built")
+    require_compiled_histograms()
     compiled = metrics_module.DURATIONS(DURATION_BUCKETS)
     reference = metrics_module.Durations(DURATION_BUCKETS)
     for total, upstream in calls:
@@ -200,8 +204,7 @@ def test_the_compiled_histograms_count_as_the_python_ones(
 
 
 def test_the_compiled_histograms_refuse_bounds_they_cannot_hold() -> None:
-    if metrics_module.DURATIONS is metrics_module.Durations:
-        pytest.skip("no compiled histograms in this build")
+    require_compiled_histograms()
     with pytest.raises(ValueError, match="ascend"):
         metrics_module.DURATIONS((0.1, 0.1))
     with pytest.raises(ValueError, match="at most 32"):
