@@ -425,11 +425,13 @@ class ClientConnection(asyncio.Protocol):
         url = self.url
         if url[:1] != b"/":
             url = self._absolute_form(ex, url)
-        if b"?" in url:
+        # `find`, not `in`: `bytes in bytes` first tries the operand as an int, and pays for
+        # the TypeError it formats (about 0.2 µs a test).
+        if url.find(b"?") >= 0:
             path_bytes, _, ex.query = url.partition(b"?")
         else:
             path_bytes = url
-        if b"#" in path_bytes:
+        if path_bytes.find(b"#") >= 0:
             raise _Reject(400, "bad_request", "A fragment is not allowed in the request target")
         path = path_bytes.decode("latin-1")
         if "%" in path or "/." in path or "//" in path:

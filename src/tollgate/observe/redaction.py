@@ -227,12 +227,14 @@ _QUERY_SECRET_HINTS: Final = (b"key", b"token", b"secret", b"passw", b"authoriza
 def query_for_record(query: bytes, *, extra: frozenset[str] = frozenset()) -> str:
     """A raw query string as a record keeps it: `redact_query`'s result, computed only when a
     parameter could need it (the common query costs a decode and a few byte searches)."""
+    # `find`, not `in`: `bytes in bytes` first tries the operand as an int, and formats the
+    # TypeError it gets.
     text = query.decode("latin-1")
-    if extra or b"%" in query:
+    if extra or query.find(b"%") >= 0:
         return redact_query(text, extra=extra)
     lower = query.lower()
     for hint in _QUERY_SECRET_HINTS:
-        if hint in lower:
+        if lower.find(hint) >= 0:
             return redact_query(text)
     return text
 
