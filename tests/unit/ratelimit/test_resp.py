@@ -233,6 +233,24 @@ async def test_a_batch_without_its_replies_in_time_drops_the_connection() -> Non
     assert transport.aborted and lost == [target]
 
 
+async def test_a_batch_written_after_the_watchdog_was_armed_gets_its_whole_timeout() -> None:
+    # One timer watches the oldest batch still waiting: a batch written later is judged by
+    # its own writing time, not by the first batch's.
+    target, transport, lost = connection(timeout=0.5)
+    first = futures(1)
+    target.send(b"...", first)
+    await asyncio.sleep(0.3)
+    second = futures(1)
+    target.send(b"...", second)
+    target.data_received(b":1\r\n")
+    await asyncio.sleep(0.3)  # the timer fired at 0.5 s: the second batch is 0.2 s old
+    assert not target.closed
+    target.data_received(b":2\r\n")
+    assert (first[0].result(), second[0].result()) == (1, 2)
+    await asyncio.sleep(0.3)
+    assert not target.closed and not transport.aborted and lost == []
+
+
 async def test_a_lost_connection_fails_what_waits_and_reports_once() -> None:
     target, _, lost = connection()
     waiting = futures(1)
