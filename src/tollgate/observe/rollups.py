@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import struct
 import sys
 import zlib
@@ -393,12 +394,10 @@ class _Minute:
 
 def _encode_latencies(values: array[float]) -> bytes:
     sketch = LatencySketch()
-    add = sketch.add
-    for value in values:
-        if value > 0.0:
-            add(value)
-        elif value == value:  # a negative latency (a clock step) counts as 0; NaN not at all
-            add(0.0)
+    if values and not (min(values) >= 0.0 and math.isfinite(sum(values))):
+        # A negative latency (a clock step) counts as 0; NaN and infinities not at all.
+        values = array("d", [max(value, 0.0) for value in values if math.isfinite(value)])
+    sketch.add_many(values)
     return encode_sketch(sketch)
 
 

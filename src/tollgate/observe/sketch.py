@@ -49,7 +49,8 @@ import heapq
 import math
 import struct
 import sys
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from math import ceil, log
 from typing import Any
 
@@ -137,6 +138,42 @@ class LatencySketch:
             self._min = value_ms
         if value_ms > self._max:
             self._max = value_ms
+
+    def add_many(self, values: Sequence[float]) -> None:
+        """`add(value)` for each of `values` (each ≥ 0 and finite), in bulk.
+
+        Each value's bucket is computed in one list comprehension and the buckets are counted
+        by `Counter`, in C: a fraction of `add`'s cost per value, for the thousands of values
+        a minute's rollup turns into sketches. The buckets are the same as with `add`, new
+        ones taken in ascending order (what `max_buckets` folds, if it must, can differ from
+        one `add` at a time, within the same accuracy); `sum` may differ in its last bits.
+        """
+        if not values:
+            return
+        total = sum(values)
+        lowest = min(values)
+        if not (math.isfinite(total) and lowest >= 0.0):  # a NaN, an infinity or a negative
+            for value in values:
+                self.add(value)  # raises at the first bad one, as `add` would
+            return
+        multiplier = self._multiplier
+        floor = MIN_INDEXABLE_MS
+        counts = Counter([ceil(log(value) * multiplier) for value in values if value > floor])
+        buckets = self._buckets
+        for index in sorted(counts):
+            if index in buckets:
+                buckets[index] += counts[index]
+            else:
+                self._add_bucket(index, counts[index])
+        count = len(values)
+        self._zero_count += count - counts.total()
+        self._count += count
+        self._sum += total
+        if lowest < self._min:
+            self._min = lowest
+        highest = max(values)
+        if highest > self._max:
+            self._max = highest
 
     def merge(self, other: LatencySketch) -> None:
         """Add `other`'s values to this sketch (which must have the same relative accuracy)."""

@@ -340,6 +340,25 @@ def test_huge_values_are_answered_within_alpha_without_overflow() -> None:
     assert LatencySketch.from_bytes(sketch.to_bytes()).to_dict() == sketch.to_dict()
 
 
+@given(streams, st.sampled_from([4, 2048]))
+def test_add_many_equals_adding_one_at_a_time(values: list[float], max_buckets: int) -> None:
+    one_by_one = sketch_of(values, max_buckets=max_buckets)
+    bulk = LatencySketch(max_buckets=max_buckets)
+    bulk.add_many(values)
+    if not state(one_by_one)["collapsed"]:  # nothing folded: the very same buckets
+        assert_same_sketch(bulk, one_by_one)
+    assert (bulk.count, bulk.min, bulk.max) == (one_by_one.count, one_by_one.min, one_by_one.max)
+    assert len(state(bulk)["buckets"]) <= max_buckets
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
+def test_add_many_rejects_what_add_rejects_and_keeps_what_came_before(value: float) -> None:
+    sketch = LatencySketch()
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        sketch.add_many([1.0, 2.0, value, 3.0])
+    assert sketch.count == 2  # added one at a time up to the bad one, as `add` would
+
+
 @pytest.mark.parametrize("value", [-1.0, -0.001, math.nan, math.inf, -math.inf])
 def test_negative_and_non_finite_latencies_are_rejected(value: float) -> None:
     sketch = LatencySketch()
