@@ -49,7 +49,7 @@ def main() -> None:
         sink.close()
     print(
         f"{spent / len(made) * 1e6:.1f} us CPU per record "
-        f"({len(COLUMNS)} columns, batches of {args.batch})"
+        f"({len(COLUMNS)} fields, batches of {args.batch})"
     )
 
 

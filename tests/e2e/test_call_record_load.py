@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 from call_load import Call, check_records, drive, mixed_config
+from call_records import sqlite_rows
 from psycopg.rows import dict_row
 from upstreams import StreamingUpstream, free_port
 
@@ -77,9 +78,8 @@ async def test_every_call_of_a_20000_call_mix_has_one_sqlite_record(
     config = _config(upstream, streaming, LIMIT, storage="sqlite:///./calls.db")
     gateway, calls = await _load_and_stop(start_gateway, config, LOAD)
     assert "dropped" not in gateway.stderr()
+    rows = sqlite_rows(tmp_path / "calls.db")
     with sqlite3.connect(tmp_path / "calls.db") as connection:
-        connection.row_factory = sqlite3.Row
-        rows = [dict(row) for row in connection.execute("SELECT * FROM call_records")]
         minutes = connection.execute("SELECT SUM(count) FROM rollup_route_minute").fetchone()[0]
     assert len(rows) == 20_000
     assert dict(check_records(rows, calls)) == _expected_statuses(LOAD, LIMIT)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from call_load import CONSUMER, KEY, check_records, drive, mixed_config
+from call_records import sqlite_rows
 from http_wire import RawClient, read_response, request
 from recording_upstream import RecordingUpstream
 from upstreams import SlowUpstream, StreamingUpstream, free_port
@@ -28,9 +28,7 @@ GatewayStarter = Callable[[dict[str, Any]], Awaitable[Gateway]]
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
-    with sqlite3.connect(path) as connection:
-        connection.row_factory = sqlite3.Row
-        return [dict(row) for row in connection.execute("SELECT * FROM call_records ORDER BY id")]
+    return sqlite_rows(path)
 
 
 def _plain(upstream_url: str, **top: Any) -> dict[str, Any]:

@@ -7,12 +7,12 @@ except in the export tests, where the real OTLP exporters post to a tiny local c
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from call_records import sqlite_rows
 from http_wire import RawClient, RawResponse, read_response, request
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -455,8 +455,7 @@ async def test_the_call_record_carries_the_trace_id(
         if span.kind is SpanKind.SERVER and span.attributes is not None
     }
     await gateway.close()
-    with sqlite3.connect(tmp_path / "tollgate.db") as connection:
-        rows = dict(connection.execute("SELECT request_id, trace_id FROM call_records"))
+    rows = {row["request_id"]: row["trace_id"] for row in sqlite_rows(tmp_path / "tollgate.db")}
     assert len(rows) == 4
     assert rows.pop("continued") == TRACE_ID  # unsampled: no span, but the record has it
     assert "continued" not in server_traces
@@ -473,8 +472,7 @@ async def test_without_tracing_records_have_no_trace_id(
     traced = [("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")]
     assert (await _get(gateway, "/items", traced)).status == 200
     await gateway.close()
-    with sqlite3.connect(tmp_path / "tollgate.db") as connection:
-        assert connection.execute("SELECT trace_id FROM call_records").fetchall() == [(None,)]
+    assert [row["trace_id"] for row in sqlite_rows(tmp_path / "tollgate.db")] == [None]
 
 
 # -- export ------------------------------------------------------------------------------------

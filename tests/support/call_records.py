@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -101,3 +102,16 @@ def generate_records(
             )
         )
     return records
+
+
+def sqlite_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record in a SQLite storage file, in the order written, as a row of the SQL sinks:
+    a dict of the columns, JSON fields as JSON text."""
+    from tollgate.observe.database import SqliteDatabase
+    from tollgate.observe.records import COLUMNS, encode_json_fields
+    from tollgate.observe.sinks.sqlite import read_records
+
+    return [
+        dict(zip(COLUMNS, encode_json_fields(record), strict=True))
+        for record in read_records(SqliteDatabase(os.fspath(path)))
+    ]

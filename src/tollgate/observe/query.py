@@ -10,9 +10,11 @@ and the totals, count exactly the calls in the range. Without a consumer filter 
 level is read (a few rows per route and day); with one, the consumer level. Sketches are
 merged with `SketchSum` and decoded once per point.
 
-Search (`search_records`) pages through `call_records` newest first with a keyset cursor on
-(time, id): each page is one index range scan, however deep the paging goes, where an
-`OFFSET` would rescan every row before it. The cursor is opaque (base64 of JSON).
+Search (`search_records`) pages through records newest first with a keyset cursor: in
+PostgreSQL on (time, id) of `call_records`, each page one index range scan however deep the
+paging goes, where an `OFFSET` would rescan every row before it; in SQLite on (time, block,
+position) over blocks of records read newest first (`tollgate.observe.sinks.sqlite`). The
+cursor is opaque (base64 of JSON).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Final
 
 import orjson
 
-from tollgate.observe.database import Database
+from tollgate.observe.database import Database, SqliteDatabase
 from tollgate.observe.records import COLUMNS, CallRecord, decode_json_fields
 from tollgate.observe.rollups import (
     DAY,
@@ -39,6 +41,7 @@ from tollgate.observe.rollups import (
     ensure_rollup_schema,
     table_name,
 )
+from tollgate.observe.sinks.sqlite import RecordKey, StatusMatch, search_blocks
 
 __all__ = [
     "PERCENTILES",
@@ -373,6 +376,26 @@ def search_records(
 ) -> RecordPage:
     """Records matching every given filter, newest first, `limit` (≤ 1,000) per page."""
     limit = max(1, min(limit, MAX_PAGE))
+    if isinstance(database, SqliteDatabase):
+        return _search_sqlite(
+            database,
+            start=start,
+            end=end,
+            status=status,
+            equal={
+                name: value
+                for name, value in (
+                    ("service", service),
+                    ("route", route),
+                    ("consumer", consumer),
+                    ("request_id", request_id),
+                )
+                if value is not None
+            },
+            limit=limit,
+            cursor=cursor,
+            connection=connection,
+        )
     postgres = database.kind == "postgres"
     time_param = "to_timestamp(?)" if postgres else "?"
     clauses = ""
@@ -422,3 +445,50 @@ def search_records(
         records.append(decode_json_fields(tuple(fields)))
     next_cursor = _encode_cursor(rows[-1][1], rows[-1][0]) if more and rows else None
     return RecordPage(records, next_cursor)
+
+
+def _search_sqlite(
+    database: SqliteDatabase,
+    *,
+    start: float | None,
+    end: float | None,
+    status: int | str | None,
+    equal: dict[str, str],
+    limit: int,
+    cursor: str | None,
+    connection: Any | None,
+) -> RecordPage:
+    """`search_records` in SQLite's blocks of records (`tollgate.observe.sinks.sqlite`)."""
+    match = None
+    if status is not None:
+        _, bounds = _status_filter(status)
+        match = StatusMatch(bounds[0], bounds[1] if len(bounds) > 1 else bounds[0] + 1)
+    before: RecordKey | None = None
+    if cursor is not None:
+        before = _decode_block_cursor(cursor)
+    with _connection(database, connection) as conn:
+        records, last = search_blocks(
+            conn,
+            start=start,
+            end=end,
+            status=match,
+            equal=equal,
+            limit=limit,
+            before=before,
+        )
+    next_cursor = None
+    if last is not None:
+        next_cursor = base64.urlsafe_b64encode(orjson.dumps(list(last))).decode()
+    return RecordPage(records, next_cursor)
+
+
+def _decode_block_cursor(cursor: str) -> RecordKey:
+    try:
+        moment, block, position = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, TypeError) as exc:
+        raise ValueError("not a valid cursor") from exc
+    if not (
+        isinstance(moment, float | int) and isinstance(block, int) and isinstance(position, int)
+    ):
+        raise ValueError("not a valid cursor")
+    return (float(moment), block, position)
