@@ -23,6 +23,8 @@ HOT_PATH = [
     "src/tollgate/http/server.py",
     "src/tollgate/http/upstream.py",
     "src/tollgate/observe/metrics.py",
+    "src/tollgate/observe/recorder.py",
+    "src/tollgate/observe/records.py",
     "src/tollgate/policies/key_lookup.py",
     # Not ratelimit/algorithms.py: compiled, it crashes the interpreter's garbage collector
     # (a freed object's weak reference) under the property tests; interpreted until found.
