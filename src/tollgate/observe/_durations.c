@@ -12,11 +12,19 @@
  * a value lands in the first bucket whose bound is >= it, else in the last (+Inf) one.
  * observe(total, upstream): the call's total seconds, and its upstream seconds or a negative
  * number when it had no upstream; the gateway's share is total minus upstream, never below 0.
- * lists(): ([*counts, sum] of request, gateway, upstream), as Histogram.to_list gives them. */
+ * lists(): ([*counts, sum] of request, gateway, upstream), as Histogram.to_list gives them.
+ *
+ * bucket_counts(values, multiplier, floor): for the latency sketches of the rollups
+ * (observe/sketch.py, LatencySketch.add_many): values is a buffer of doubles (an array('d')),
+ * each finite and >= 0; returns ({bucket: count}, zeros), where a value above floor is in
+ * bucket ceil(log(value) * multiplier), as the Python code computes it, and the others are
+ * zeros. In Python that is about 0.35 us a value (three values a call); here a few ns. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define MAX_BOUNDS 32
 
@@ -150,10 +158,127 @@ static PyTypeObject DurationsType = {
     .tp_methods = durations_methods,
 };
 
+
+/* Bucket indexes spanning at most this many use a counting array; wider ones a dict. */
+#define DENSE_SPAN 4096
+
+static PyObject *bucket_counts(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "bucket_counts(values, multiplier, floor)");
+        return NULL;
+    }
+    double multiplier = PyFloat_AsDouble(args[1]);
+    if (multiplier == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    double floor_value = PyFloat_AsDouble(args[2]);
+    if (floor_value == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    PyObject *counts = NULL;
+    long long *indexes = NULL;
+    long long *dense = NULL;
+    if (view.itemsize != (Py_ssize_t)sizeof(double) || view.format == NULL ||
+        strcmp(view.format, "d") != 0) {
+        PyErr_SetString(PyExc_TypeError, "values must be a buffer of doubles");
+        goto done;
+    }
+    const double *values = (const double *)view.buf;
+    Py_ssize_t n = view.len / (Py_ssize_t)sizeof(double);
+    indexes = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(long long));
+    if (indexes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t indexed = 0;
+    long long low = 0, high = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double value = values[i];
+        if (value > floor_value) {
+            long long index = (long long)ceil(log(value) * multiplier);
+            if (indexed == 0 || index < low) {
+                low = index;
+            }
+            if (indexed == 0 || index > high) {
+                high = index;
+            }
+            indexes[indexed++] = index;
+        }
+    }
+    counts = PyDict_New();
+    if (counts == NULL) {
+        goto done;
+    }
+    if (indexed > 0 && high - low < DENSE_SPAN) {
+        dense = PyMem_Calloc((size_t)(high - low + 1), sizeof(long long));
+        if (dense == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < indexed; i++) {
+            dense[indexes[i] - low]++;
+        }
+        for (long long index = low; index <= high; index++) {
+            if (dense[index - low] == 0) {
+                continue;
+            }
+            PyObject *key = PyLong_FromLongLong(index);
+            PyObject *count = key ? PyLong_FromLongLong(dense[index - low]) : NULL;
+            int failed = count == NULL || PyDict_SetItem(counts, key, count) < 0;
+            Py_XDECREF(key);
+            Py_XDECREF(count);
+            if (failed) {
+                goto done;
+            }
+        }
+    } else {
+        for (Py_ssize_t i = 0; i < indexed; i++) {
+            PyObject *key = PyLong_FromLongLong(indexes[i]);
+            if (key == NULL) {
+                goto done;
+            }
+            PyObject *before = PyDict_GetItemWithError(counts, key);
+            long long seen = 0;
+            if (before != NULL) {
+                seen = PyLong_AsLongLong(before);
+            } else if (PyErr_Occurred()) {
+                Py_DECREF(key);
+                goto done;
+            }
+            PyObject *count = PyLong_FromLongLong(seen + 1);
+            int failed = count == NULL || PyDict_SetItem(counts, key, count) < 0;
+            Py_DECREF(key);
+            Py_XDECREF(count);
+            if (failed) {
+                goto done;
+            }
+        }
+    }
+    result = Py_BuildValue("(On)", counts, n - indexed);
+done:
+    Py_XDECREF(counts);
+    PyMem_Free(indexes);
+    PyMem_Free(dense);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"bucket_counts", (PyCFunction)(void (*)(void))bucket_counts, METH_FASTCALL,
+     "bucket_counts(values, multiplier, floor) -> ({bucket: count}, zeros)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module_definition = {
     PyModuleDef_HEAD_INIT, "_durations",
-    "Duration histograms of the metrics, counted in C (see observe/metrics.py).", -1,
-    NULL, NULL, NULL, NULL, NULL,
+    "Duration histograms of the metrics, counted in C (see observe/metrics.py), and the "
+    "buckets of the rollups' latency sketches (see observe/sketch.py).", -1,
+    module_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__durations(void) {

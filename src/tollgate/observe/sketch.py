@@ -49,10 +49,18 @@ import heapq
 import math
 import struct
 import sys
+from array import array
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from math import ceil, log
 from typing import Any
+
+try:  # counted in C when the package was built with its extensions
+    from tollgate.observe._durations import (  # type: ignore[import-not-found,unused-ignore]
+        bucket_counts as _bucket_counts,
+    )
+except ImportError:  # pragma: no cover - a build without a compiler
+    _bucket_counts = None
 
 DEFAULT_RELATIVE_ACCURACY = 0.01
 
@@ -60,6 +68,7 @@ DEFAULT_RELATIVE_ACCURACY = 0.01
 DEFAULT_MAX_BUCKETS = 2048
 
 # 1 ns: finer than any timer the gateway reads, so a value this small is as good as zero.
+
 MIN_INDEXABLE_MS = 1e-6
 
 FORMAT_VERSION = 1
@@ -142,9 +151,10 @@ class LatencySketch:
     def add_many(self, values: Sequence[float]) -> None:
         """`add(value)` for each of `values` (each ≥ 0 and finite), in bulk.
 
-        Each value's bucket is computed in one list comprehension and the buckets are counted
-        by `Counter`, in C: a fraction of `add`'s cost per value, for the thousands of values
-        a minute's rollup turns into sketches. The buckets are the same as with `add`, new
+        For an `array("d")`, the buckets are counted in C (`_durations.bucket_counts`, a few ns
+        a value); otherwise by one list comprehension and a `Counter`: either way a fraction
+        of `add`'s cost per value, for the thousands of values a minute's rollup turns into
+        sketches. The buckets are the same as with `add`, new
         ones taken in ascending order (what `max_buckets` folds, if it must, can differ from
         one `add` at a time, within the same accuracy); `sum` may differ in its last bits.
         """
@@ -158,15 +168,20 @@ class LatencySketch:
             return
         multiplier = self._multiplier
         floor = MIN_INDEXABLE_MS
-        counts = Counter([ceil(log(value) * multiplier) for value in values if value > floor])
+        count = len(values)
+        counts: Mapping[int, int]
+        if _bucket_counts is not None and isinstance(values, array) and values.typecode == "d":
+            counts, zeros = _bucket_counts(values, multiplier, floor)
+        else:
+            counted = Counter([ceil(log(value) * multiplier) for value in values if value > floor])
+            counts, zeros = counted, count - counted.total()
         buckets = self._buckets
         for index in sorted(counts):
             if index in buckets:
                 buckets[index] += counts[index]
             else:
                 self._add_bucket(index, counts[index])
-        count = len(values)
-        self._zero_count += count - counts.total()
+        self._zero_count += zeros
         self._count += count
         self._sum += total
         if lowest < self._min:

@@ -4,6 +4,7 @@ import json
 import math
 import random
 import sys
+from array import array
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -340,15 +341,34 @@ def test_huge_values_are_answered_within_alpha_without_overflow() -> None:
     assert LatencySketch.from_bytes(sketch.to_bytes()).to_dict() == sketch.to_dict()
 
 
-@given(streams, st.sampled_from([4, 2048]))
-def test_add_many_equals_adding_one_at_a_time(values: list[float], max_buckets: int) -> None:
+@given(streams, st.sampled_from([4, 2048]), st.sampled_from([list, "array"]))
+def test_add_many_equals_adding_one_at_a_time(
+    values: list[float], max_buckets: int, kind: object
+) -> None:
+    # A list is counted in Python, an array of doubles in C (observe/_durations.c).
     one_by_one = sketch_of(values, max_buckets=max_buckets)
     bulk = LatencySketch(max_buckets=max_buckets)
-    bulk.add_many(values)
+    bulk.add_many(array("d", values) if kind == "array" else values)
     if not state(one_by_one)["collapsed"]:  # nothing folded: the very same buckets
         assert_same_sketch(bulk, one_by_one)
     assert (bulk.count, bulk.min, bulk.max) == (one_by_one.count, one_by_one.min, one_by_one.max)
     assert len(state(bulk)["buckets"]) <= max_buckets
+
+
+def test_the_c_bucket_counts_equal_the_python_ones_over_a_wide_range() -> None:
+    from tollgate.observe import _durations  # built with the package (setup.py)
+
+    rng = random.Random(4)
+    values = [rng.lognormvariate(0.0, 3.0) for _ in range(20_000)] + [0.0, MIN_INDEXABLE_MS]
+    values += [1e-300, 1e300, 5e-7]  # a span wider than the C code's counting array
+    for chosen in (values, values[:-3]):
+        in_c = LatencySketch()
+        in_c.add_many(array("d", chosen))
+        in_python = LatencySketch()
+        in_python.add_many(chosen)
+        assert_same_sketch(in_c, in_python)
+    with pytest.raises(TypeError, match="doubles"):
+        _durations.bucket_counts(array("f", [1.0]), 1.0, 0.0)
 
 
 @pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
