@@ -4,6 +4,7 @@ implies (status, source, consumer, route, error type, bytes, latencies, request 
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 from pathlib import Path
@@ -77,7 +78,11 @@ async def test_every_call_of_a_20000_call_mix_has_one_sqlite_record(
 ) -> None:
     config = _config(upstream, streaming, LIMIT, storage="sqlite:///./calls.db")
     gateway, calls = await _load_and_stop(start_gateway, config, LOAD)
-    assert "dropped" not in gateway.stderr()
+    closing = re.findall(
+        r"call records of worker \d: (\d+) queued, (\d+) dropped", gateway.stderr()
+    )
+    assert sorted(dropped for _, dropped in closing) == ["0", "0"]  # both workers, none dropped
+    assert sum(int(queued) for queued, _ in closing) == 20_000
     rows = sqlite_rows(tmp_path / "calls.db")
     with sqlite3.connect(tmp_path / "calls.db") as connection:
         minutes = connection.execute("SELECT SUM(count) FROM rollup_route_minute").fetchone()[0]

@@ -341,7 +341,16 @@ class WorkerLogs:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        return await self.pipeline.aclose()
+        finished = await self.pipeline.aclose()
+        stats = self.pipeline.stats()
+        log.info(
+            "call records of worker %d: %d queued, %d dropped (queue full), %d failed in sinks",
+            self.worker,
+            stats.enqueued,
+            stats.dropped,
+            stats.failed,
+        )
+        return finished
 
     def __repr__(self) -> str:
         return f"WorkerLogs(worker={self.worker}, {self.pipeline!r})"
