@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from call_records import T0, generate_records, make_record
 from tollgate.observe.database import SqliteDatabase, open_database
 from tollgate.observe.pipeline import LogPipeline
 from tollgate.observe.query import search_records
-from tollgate.observe.records import COLUMNS, encode_json_fields
+from tollgate.observe.records import COLUMNS, CallRecord, encode_json_fields
 from tollgate.observe.rollups import DAY
 from tollgate.observe.sinks.sqlite import (
     BLOCKS_TABLE,
@@ -120,11 +121,8 @@ def test_a_pipeline_into_sqlite_keeps_every_record(database: SqliteDatabase) -> 
     assert pipeline.stats().written == 5_000
 
 
-def test_a_table_of_an_earlier_version_is_converted_and_nothing_is_lost(
-    database: SqliteDatabase,
-) -> None:
-    records = generate_records(2_500, seed=5)
-    records[7] = make_record(7, policies={"rate-limit": "per-minute"}, request_body="{}")
+def _legacy(database: SqliteDatabase, records: list[CallRecord]) -> None:
+    """A storage file as an earlier version wrote it: a `call_records` row per record."""
     with sqlite3.connect(database.path) as connection:
         connection.execute(
             f"CREATE TABLE call_records (id INTEGER PRIMARY KEY, {', '.join(COLUMNS)})"
@@ -139,6 +137,14 @@ def test_a_table_of_an_earlier_version_is_converted_and_nothing_is_lost(
             "CREATE TABLE tollgate_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
         )
         connection.execute("INSERT INTO tollgate_schema VALUES ('call_records', 1)")
+
+
+def test_a_table_of_an_earlier_version_is_converted_and_nothing_is_lost(
+    database: SqliteDatabase,
+) -> None:
+    records = generate_records(2_500, seed=5)
+    records[7] = make_record(7, policies={"rate-limit": "per-minute"}, request_body="{}")
+    _legacy(database, records)
     SqliteSink(database).close()
     assert list(read_records(database)) == records
     assert rows(database, "SELECT name FROM sqlite_master WHERE name LIKE 'call_records%'") == []
@@ -148,6 +154,26 @@ def test_a_table_of_an_earlier_version_is_converted_and_nothing_is_lost(
         (500,),
     ]
     assert rows(database, "SELECT component FROM tollgate_schema") == [(BLOCKS_TABLE,)]
+
+
+def test_workers_converting_at_once_share_the_work(database: SqliteDatabase) -> None:
+    records = generate_records(12_000, seed=6)
+    _legacy(database, records)
+    failures: list[BaseException] = []
+
+    def start_a_sink() -> None:
+        try:
+            SqliteSink(database).close()
+        except BaseException as exc:  # pragma: no cover - what the test looks for
+            failures.append(exc)
+
+    workers = [threading.Thread(target=start_a_sink) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert failures == []
+    assert sorted(read_records(database)) == sorted(records)  # each once, none lost
 
 
 def test_search_merges_blocks_that_overlap_in_time(database: SqliteDatabase) -> None:

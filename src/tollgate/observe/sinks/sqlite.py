@@ -115,18 +115,28 @@ def decode_block(data: bytes) -> list[CallRecord]:
 def ensure_records_schema(database: SqliteDatabase, connection: sqlite3.Connection) -> None:
     """Make (or bring up to date) the records table; convert an earlier version's table."""
     migrate(database, connection, BLOCKS_TABLE, MIGRATIONS)
-    legacy = connection.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_LEGACY_TABLE,)
-    ).fetchone()
-    if legacy is not None:
+    if _has_legacy_table(connection):
         _convert_legacy(database, connection)
 
 
+def _has_legacy_table(connection: sqlite3.Connection | sqlite3.Cursor) -> bool:
+    found = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_LEGACY_TABLE,)
+    ).fetchone()
+    return found is not None
+
+
 def _convert_legacy(database: SqliteDatabase, connection: sqlite3.Connection) -> None:
-    """Move the rows of a `call_records` table into blocks, oldest first, then drop it."""
+    """Move the rows of a `call_records` table into blocks, oldest first, then drop it.
+
+    Every worker's sink may start this at once: each chunk is read, written and deleted in
+    one write transaction, and the table is looked for again in each, so the workers share
+    the work, and the one that finds it gone stops."""
     columns = ", ".join(COLUMNS)
     while True:
         with database.transaction(connection) as cursor:
+            if not _has_legacy_table(cursor):
+                return
             rows = cursor.execute(
                 f"SELECT id, {columns} FROM {_LEGACY_TABLE} ORDER BY id LIMIT ?",
                 (CONVERT_CHUNK,),
