@@ -10,7 +10,9 @@ request, so this client does only what that needs, cheaply:
   of the futures waiting; Redis answers in order, so each reply resolves the oldest future.
 - **Coalescing.** Every command submitted during one turn of the event loop goes out in one
   `transport.write` (the first schedules a flush with `call_soon`; the rest join its buffer):
-  64 requests in flight cost a few system calls, not 64.
+  64 requests in flight cost a few system calls, not 64. A connection has at most one batch
+  in flight: while all of them wait for replies, new commands wait too and leave together
+  when one is answered, so batches grow with the load (as auto-pipelining clients do).
 - **A small pool**, `max_connections` (2 by default), taking the flushes in turn: a
   connection lost or dropped leaves the others serving while it is replaced.
 - **Timeouts.** The connection (TCP, TLS, AUTH, SELECT and a PING) must be up within
@@ -191,6 +193,7 @@ class RedisConnection(asyncio.Protocol):
         "_watchdog",
         "_where",
         "closed",
+        "on_idle",
         "on_lost",
         "writes",
     )
@@ -200,6 +203,8 @@ class RedisConnection(asyncio.Protocol):
         self._timeout = timeout
         # Called with this connection once it is lost or dropped (set once it is set up).
         self.on_lost: Callable[[RedisConnection], None] | None = None
+        # Called with this connection when the last reply it waited for has come in.
+        self.on_idle: Callable[[RedisConnection], None] | None = None
         self._reader = hiredis.Reader(replyError=RedisReplyError)
         self._pending: deque[asyncio.Future[Any]] = deque()
         self._transport: asyncio.Transport | None = None
@@ -244,6 +249,8 @@ class RedisConnection(asyncio.Protocol):
         except IndexError:
             self.drop(f"Redis at {self._where} sent a reply to no command")
         self._received += received
+        if received and not pending and not self.closed and self.on_idle is not None:
+            self.on_idle(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f": {exc}" if exc is not None else ""
@@ -467,24 +474,47 @@ class RedisClient:
         return future
 
     def _flush(self) -> None:
-        """Write what this turn of the loop queued, in one write, on the next connection."""
+        """Write what is queued, in one write, on a connection with no batch in flight.
+
+        While every connection waits for replies, the commands wait too, and go out together
+        as soon as one connection has all its replies (`_idle`): at most one batch is in
+        flight per connection, so under load batches grow instead of system calls, in the
+        gateway and in Redis (a batch costs Redis a read, a write and a wake-up whatever its
+        size). With nothing in flight, a command goes out at the end of its loop turn, as
+        it would without the wait.
+        """
         commands = self._queued
-        futures = self._queued_futures
         if not commands:
             return
-        self._queued = []
-        self._queued_futures = []
         connections = self._connections
         if not connections:
+            futures = self._queued_futures
+            self._queued = []
+            self._queued_futures = []
             error = self.unavailable_error()
             for future in futures:
                 if not future.done():
                     future.set_exception(StoreUnavailable(error.message))
             return
-        index = self._next % len(connections)
+        count = len(connections)
+        for step in range(count):
+            index = (self._next + step) % count
+            connection = connections[index]
+            if not connection.waiting:
+                break
+        else:
+            return  # every connection has a batch in flight: `_idle` sends these
         self._next = index + 1
-        connections[index].send(b"".join(commands), futures)
+        futures = self._queued_futures
+        self._queued = []
+        self._queued_futures = []
+        connection.send(b"".join(commands), futures)
         self.writes += 1
+
+    def _idle(self, connection: RedisConnection) -> None:
+        """`connection` has every reply it waited for: send what waited meanwhile."""
+        if self._queued:
+            self._flush()
 
     def unavailable_error(self) -> StoreUnavailable:
         """The error a command gets while no connection is up, with the last reason known."""
@@ -535,6 +565,7 @@ class RedisClient:
             connection.drop("connection setup cancelled")
             raise
         connection.on_lost = self._lost
+        connection.on_idle = self._idle
         return connection
 
     def _lost(self, connection: RedisConnection) -> None:
@@ -544,6 +575,9 @@ class RedisClient:
             return
         self._last_error = "connection lost"
         self._reconnect_soon()
+        if self._queued and self._loop is not None:
+            # Commands waiting for a busy connection: another one takes them, or they fail.
+            self._loop.call_soon(self._flush)
 
     def _reconnect_soon(self) -> None:
         if self._state is not _Lifecycle.OPEN or self._reconnecting is not None:

@@ -79,6 +79,33 @@ async def test_flushes_take_the_connections_in_turn(
     assert [now - then for now, then in zip(after, before, strict=True)] == [2, 2]
 
 
+async def test_commands_wait_for_a_busy_connection_and_leave_together(
+    redis: RedisServer, make_store: StoreMaker
+) -> None:
+    # At most one batch in flight per connection: what comes meanwhile goes out in one write
+    # when the batch is answered, so batches grow with the load instead of system calls.
+    store = await make_store(redis.url, max_connections=1, timeout=5.0)
+    (connection,) = store.client.connections
+    transport = connection.transport
+    assert transport is not None
+    before = connection.writes
+    transport.pause_reading()  # Redis answers; the reply waits in the socket
+    first = asyncio.ensure_future(store.hit(LIMIT, 1))
+    await asyncio.sleep(0.05)
+    assert connection.writes == before + 1 and connection.waiting == 1
+    later = [asyncio.ensure_future(store.hit(LIMIT, 1)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    later.append(asyncio.ensure_future(store.hit(LIMIT, 1)))  # another turn of the loop
+    await asyncio.sleep(0.01)
+    assert connection.writes == before + 1  # all four wait for the first reply
+    transport.resume_reading()
+    outcomes = await asyncio.gather(first, *later)
+    assert connection.writes == before + 2  # ...and left in one write
+    assert [combined.decision.remaining for combined in outcomes] == [
+        1_000_000 - count for count in range(1, 6)
+    ]
+
+
 async def test_a_caller_that_gives_up_leaves_the_replies_in_order(
     redis: RedisServer, make_store: StoreMaker
 ) -> None:
