@@ -120,28 +120,27 @@ local function trunc(x)
   return math.ceil(x)
 end
 
--- Python's math.ulp, for the numbers met here (finite, or infinite).
-local function ulp(x)
-  x = math.abs(x)
-  if x == INF then return INF end
-  if x == 0 then return TINY end
-  local _, exponent = math.frexp(x)
-  local spacing = math.ldexp(1, exponent - 53)
-  if spacing < TINY then return TINY end
-  return spacing
-end
-
--- algorithms._seconds_until: moment - now, rounded up (moment >= now).
-local function seconds_until(moment)
-  local wait = moment - now
-  while now + wait < moment do
-    wait = wait + ulp(wait)  -- math.nextafter(wait, inf) for wait >= 0
-  end
-  return wait
-end
-
--- algorithms._retry_after.
+-- algorithms._retry_after. Its helpers are made inside it: only a rejection needs them, and
+-- every function the main chunk defines is made again on every call of the script.
 local function retry_after(moment, admits)
+  -- Python's math.ulp, for the numbers met here (finite, or infinite).
+  local function ulp(x)
+    x = math.abs(x)
+    if x == INF then return INF end
+    if x == 0 then return TINY end
+    local _, exponent = math.frexp(x)
+    local spacing = math.ldexp(1, exponent - 53)
+    if spacing < TINY then return TINY end
+    return spacing
+  end
+  -- algorithms._seconds_until: moment - now, rounded up (moment >= now).
+  local function seconds_until(target)
+    local wait = target - now
+    while now + wait < target do
+      wait = wait + ulp(wait)  -- math.nextafter(wait, inf) for wait >= 0
+    end
+    return wait
+  end
   if moment < now then moment = now end
   local step = 0
   while not admits(moment) do
@@ -274,14 +273,14 @@ local function decider(kind)
   end end
 
 -- algorithms.SlidingWindowLog, on a sorted set.
-local function entry(total, spent)
-  return string.format('%016d:%d', total, spent)
-end
-local function total_of(member)
-  return tonumber(string.sub(member, 1, 16))
-end
-
-  if kind == 'w' then return function(key, p)
+  if kind == 'w' then
+  local function entry(total, spent)
+    return string.format('%016d:%d', total, spent)
+  end
+  local function total_of(member)
+    return tonumber(string.sub(member, 1, 16))
+  end
+  return function(key, p)
   local limit, window = p[1], p[2]
   local count = redis.call('ZCARD', key)
   if count == 0 then
@@ -452,6 +451,12 @@ for index, key in ipairs(KEYS) do
 end
 if op == 'h' and admitted then
   for index = 1, #KEYS do writes[index]() end
+end
+if #KEYS == 1 then  -- one limit: its decision is the one to report, as chosen below
+  local only = decisions[1]
+  local allowed = 0
+  if only[1] then allowed = 1 end
+  return struct.pack('<ddddddd', 0, allowed, only[2], only[3], only[4], only[5], only[6])
 end
 -- The decision to report: algorithms.decide_all's choice. Among the rejecting limits if any
 -- (else among all), the lowest remaining, then the longest retry_after, then the longest
