@@ -79,17 +79,19 @@ static int durations_init(Durations *self, PyObject *args, PyObject *kwargs) {
     return 0;
 }
 
+/* `object` as a double in `out`; 0, or -1 with the error set. */
+static int double_of(PyObject *object, double *out) {
+    *out = PyFloat_AsDouble(object);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
 static PyObject *durations_observe(Durations *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "observe(total, upstream)");
         return NULL;
     }
-    double total = PyFloat_AsDouble(args[0]);
-    if (total == -1.0 && PyErr_Occurred()) {
-        return NULL;
-    }
-    double upstream = PyFloat_AsDouble(args[1]);
-    if (upstream == -1.0 && PyErr_Occurred()) {
+    double total, upstream;
+    if (double_of(args[0], &total) < 0 || double_of(args[1], &upstream) < 0) {
         return NULL;
     }
     add(self, &self->request, total);
@@ -167,12 +169,8 @@ static PyObject *bucket_counts(PyObject *module, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_TypeError, "bucket_counts(values, multiplier, floor)");
         return NULL;
     }
-    double multiplier = PyFloat_AsDouble(args[1]);
-    if (multiplier == -1.0 && PyErr_Occurred()) {
-        return NULL;
-    }
-    double floor_value = PyFloat_AsDouble(args[2]);
-    if (floor_value == -1.0 && PyErr_Occurred()) {
+    double multiplier, floor_value;
+    if (double_of(args[1], &multiplier) < 0 || double_of(args[2], &floor_value) < 0) {
         return NULL;
     }
     Py_buffer view;

@@ -331,32 +331,40 @@ class RecordPage:
     next_cursor: str | None  # None on the last page
 
 
-def _encode_cursor(time_value: Any, row_id: int) -> str:
-    if isinstance(time_value, datetime):
-        time_value = time_value.isoformat()
-    return base64.urlsafe_b64encode(orjson.dumps([time_value, row_id])).decode()
+def _encode_cursor(*values: Any) -> str:
+    """An opaque cursor for the keyset `values` (a time first)."""
+    first, *rest = values
+    if isinstance(first, datetime):
+        first = first.isoformat()
+    return base64.urlsafe_b64encode(orjson.dumps([first, *rest])).decode()
 
 
-def _decode_cursor(cursor: str) -> tuple[Any, int]:
+def _decode_cursor(cursor: str, size: int) -> list[Any]:
+    """The `size` values of a cursor `_encode_cursor` made: a time, then integers."""
     try:
-        time_value, row_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        values = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
     except (ValueError, TypeError) as exc:
         raise ValueError("not a valid cursor") from exc
-    if not isinstance(row_id, int) or not isinstance(time_value, float | int | str):
+    if (
+        not isinstance(values, list)
+        or len(values) != size
+        or not isinstance(values[0], float | int | str)
+        or not all(isinstance(value, int) for value in values[1:])
+    ):
         raise ValueError("not a valid cursor")
-    return time_value, row_id
+    return values
 
 
-def _status_filter(status: int | str) -> tuple[str, tuple[int, ...]]:
-    """`status = ?` for 404, or a range for "4xx"."""
+def _status_bounds(status: int | str) -> tuple[int, int]:
+    """[low, high) of the statuses a filter keeps: (404, 405) for 404, (400, 500) for "4xx"."""
     if isinstance(status, int):
-        return " AND status = ?", (status,)
+        return status, status + 1
     text = status.strip().lower()
     if len(text) == 3 and text[0] in "12345" and text[1:] == "xx":
         low = int(text[0]) * 100
-        return " AND status >= ? AND status < ?", (low, low + 100)
+        return low, low + 100
     if text.isdigit():
-        return " AND status = ?", (int(text),)
+        return int(text), int(text) + 1
     raise ValueError(f"status {status!r}: use a code (404) or a class (4xx)")
 
 
@@ -407,9 +415,8 @@ def search_records(
         clauses += f" AND time < {time_param}"
         params.append(end)
     if status is not None:
-        text, values = _status_filter(status)
-        clauses += text
-        params.extend(values)
+        clauses += " AND status >= ? AND status < ?"
+        params.extend(_status_bounds(status))
     for name, value in (
         ("service", service),
         ("route", route),
@@ -420,7 +427,7 @@ def search_records(
             clauses += f" AND {name} = ?"
             params.append(value)
     if cursor is not None:
-        time_value, row_id = _decode_cursor(cursor)
+        time_value, row_id = _decode_cursor(cursor, 2)
         cast = "CAST(? AS timestamptz)" if postgres else "?"
         clauses += f" AND (time < {cast} OR (time = {cast} AND id < ?))"
         params.extend((time_value, time_value, row_id))
@@ -459,13 +466,13 @@ def _search_sqlite(
     connection: Any | None,
 ) -> RecordPage:
     """`search_records` in SQLite's blocks of records (`tollgate.observe.sinks.sqlite`)."""
-    match = None
-    if status is not None:
-        _, bounds = _status_filter(status)
-        match = StatusMatch(bounds[0], bounds[1] if len(bounds) > 1 else bounds[0] + 1)
+    match = StatusMatch(*_status_bounds(status)) if status is not None else None
     before: RecordKey | None = None
     if cursor is not None:
-        before = _decode_block_cursor(cursor)
+        moment, block, position = _decode_cursor(cursor, 3)
+        if isinstance(moment, str):
+            raise ValueError("not a valid cursor")
+        before = (float(moment), block, position)
     with _connection(database, connection) as conn:
         records, last = search_blocks(
             conn,
@@ -476,19 +483,4 @@ def _search_sqlite(
             limit=limit,
             before=before,
         )
-    next_cursor = None
-    if last is not None:
-        next_cursor = base64.urlsafe_b64encode(orjson.dumps(list(last))).decode()
-    return RecordPage(records, next_cursor)
-
-
-def _decode_block_cursor(cursor: str) -> RecordKey:
-    try:
-        moment, block, position = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, TypeError) as exc:
-        raise ValueError("not a valid cursor") from exc
-    if not (
-        isinstance(moment, float | int) and isinstance(block, int) and isinstance(position, int)
-    ):
-        raise ValueError("not a valid cursor")
-    return (float(moment), block, position)
+    return RecordPage(records, _encode_cursor(*last) if last is not None else None)

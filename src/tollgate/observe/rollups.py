@@ -394,10 +394,12 @@ class _Minute:
 
 def _encode_latencies(values: array[float]) -> bytes:
     sketch = LatencySketch()
-    if values and not (min(values) >= 0.0 and math.isfinite(sum(values))):
+    try:
+        sketch.add_many(values)
+    except ValueError:
         # A negative latency (a clock step) counts as 0; NaN and infinities not at all.
-        values = array("d", [max(value, 0.0) for value in values if math.isfinite(value)])
-    sketch.add_many(values)
+        sketch = LatencySketch()
+        sketch.add_many(array("d", [max(value, 0.0) for value in values if math.isfinite(value)]))
     return encode_sketch(sketch)
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -126,6 +127,22 @@ def test_aggregator_keys_by_minute_service_route_consumer_and_status_class() -> 
     assert five[1:3] == (0, 1)
     assert decode_sketch(five[5][2]).count == 0  # no upstream latency to add
     assert decode_sketch(minutes[int(T0), "", "", "acme", 0][5][0]).min == 0.0  # clamped
+
+
+def test_latencies_that_are_not_numbers_count_in_no_sketch() -> None:
+    aggregator = RollupAggregator()
+    aggregator.add_batch(
+        [
+            make_record(0, total_ms=5.0),
+            make_record(1, total_ms=math.nan),
+            make_record(2, total_ms=math.inf),
+            make_record(3, total_ms=-2.0),  # a clock step: counts as 0
+        ]
+    )
+    ((count, _, _, _, _, blobs),) = aggregator.take().values()
+    total = decode_sketch(blobs[0])
+    assert count == 4  # every call counts; only its latency may not
+    assert (total.count, total.min, total.max) == (2, 0.0, 5.0)
 
 
 def test_restore_puts_back_what_take_removed() -> None:
