@@ -63,9 +63,10 @@ def shared_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def redis(shared_redis: RedisServer) -> RedisServer:
-    """The shared server, emptied (keys and scripts) before the test."""
+    """The shared server, emptied (keys, scripts and functions) before the test."""
     shared_redis.command("FLUSHALL")
     shared_redis.command("SCRIPT", "FLUSH")
+    shared_redis.command("FUNCTION", "FLUSH")
     return shared_redis
 
 

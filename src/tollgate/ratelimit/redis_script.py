@@ -17,7 +17,14 @@ its decisions are the pure algorithms' bit for bit. That holds because
   formatting and parsing text (a `%.17g` is about a microsecond of its CPU, on the core the
   gateway may share with it).
 
-Call: ``EVALSHA sha <keys> key... op now cost [kind params...]...``
+It comes in two forms, of one text: `SCRIPT` for ``EVALSHA``, and `LIBRARY`, a function
+library for ``FCALL`` (Redis 7 and later). A script makes every helper and constant again on
+every call; a library makes them once, when loaded, and a call runs only its own part: about
+1.9 µs less of Redis' CPU per call (10.1 against 12.0 µs for a sliding-window hit under
+``redis-benchmark -P 32``).
+
+Call: ``EVALSHA sha <keys> key... op now cost [kind params...]...``, or the same with
+``FCALL FUNCTION_NAME`` in place of ``EVALSHA sha``
 
 - `op`: ``h`` hit (decide, and store the new states if every limit admits), ``p`` peek (decide
   a request of cost 1, store nothing), ``r`` release (give `cost` back to the concurrency key
@@ -30,19 +37,24 @@ Reply to ``h`` and ``p``: the decision `decide_all` would report, as seven doubl
 string (``struct.pack('<ddddddd')``): the index of the limit it is about, allowed (1 or 0),
 limit, remaining, reset_after, retry_after and delay.
 
-States, one Redis value per key, expiring (PEXPIRE) a second after they count for nothing:
+States, one Redis value per key, expiring (PX, PEXPIRE) a second after they count for
+nothing:
 
 | kind | type | value |
 |---|---|---|
-| fixed-window | string | doubles ``start spent`` |
+| fixed-window | string | doubles ``start spent window`` |
 | quota | string | doubles ``start spent end`` (the period's end: Lua has no time zones) |
-| sliding-window | string | doubles ``start previous current`` |
+| sliding-window | string | doubles ``start previous current window`` |
 | sliding-window-log | sorted set | score: time admitted; member ``<running total>:<cost>`` |
 | token-bucket | string | doubles ``tokens updated_at`` |
 | leaky-bucket | string | doubles ``queued updated_at`` |
 | concurrency | string | ``in_flight`` as text |
 
-A value of another size than its kind's (written by another version) counts as no state.
+A value of another size than its kind's (written by another version) counts as no state, but
+for windows stored without their length (``start spent``, ``start previous current``), which
+are read as they were written. A window's expiry is its end, and changes only when the window
+does: a write that keeps the stored window, of the same length, keeps the key's expiry
+(``SET ... KEEPTTL``, about 1.3 µs of Redis' CPU less than setting it again).
 
 The log's members are unique (running totals only grow) and their totals zero-padded to 16
 digits, so that entries admitted at one instant sort by total, as the Python log's tuples do.
@@ -87,24 +99,21 @@ EXPIRY_SLACK_MS: Final = 1000
 # let run) is forgotten, so that what a dead node held comes back.
 CONCURRENCY_TTL_MS: Final = 3_600_000
 
-SCRIPT: Final = (
-    Template(
-        """
+# What is made once: constants, helpers and deciders. A function library (`LIBRARY`) runs
+# this when loaded, and its function only the call's part below; a script (`SCRIPT`) runs both
+# on every call. Nothing here may call a library (`math`, `string`...) while it is run: Redis
+# loads a library with no access to them (hence 1/0, and the literal smallest subnormal).
+_DEFINITIONS: Final = Template(
+    """
 local EPSILON = 1e-9
-local INF = math.huge
+local INF = 1/0
 local SLACK_MS = $slack
 local HELD_MS = '$held'
-local TINY = math.ldexp(1, -1074)
+local TINY = 4.9406564584124654e-324  -- math.ldexp(1, -1074)
+local COUNTS = {$counts}
 
-local op = ARGV[1]
-local now
-if ARGV[2] == '' then
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) + tonumber(time[2]) / 1000000
-else
-  now = tonumber(ARGV[2])
-end
-local cost = tonumber(ARGV[3])
+-- The call's time and cost, set by each call before anything reads them.
+local now, cost
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -167,17 +176,29 @@ local function fields(value, format, size)
   return {struct.unpack(format, value)}
 end
 
+-- The new value of a key whose expiry is already right (`same`), or set it to expire with
+-- `expires`. Setting an expiry costs Redis a good part of a call (SET ... PX is about 1.3 µs
+-- more than SET ... KEEPTTL), and a window's expiry changes only when the window does.
+local function store(key, value, same, expires)
+  if same then
+    redis.call('SET', key, value, 'KEEPTTL')
+  else
+    redis.call('SET', key, value, 'PX', ttl(expires))
+  end
+end
+
 -- Fixed windows and quotas: algorithms._PeriodCounter.decide. `extra(start, spent)` is the
--- state to store.
-local function period(key, state, limit, current, period_end, later, extra)
+-- state to store; `same` whether the key's expiry is that of the stored period, if kept.
+local function period(key, state, limit, current, period_end, later, extra, same)
   local start, used = current, 0
+  local kept = false
   if state ~= nil and not (state[1] < current) then
-    start, used = state[1], state[2]
+    start, used, kept = state[1], state[2], same
   end
   if used + cost <= limit then
     local finish = period_end(start)
     return {true, limit, limit - used - cost, finish - now, 0, 0}, function()
-      redis.call('SET', key, extra(start, used + cost), 'PX', ttl(finish))
+      store(key, extra(start, used + cost), kept, finish)
     end
   end
   local retry = INF
@@ -196,9 +217,14 @@ local function decider(kind)
   local limit, window = p[1], p[2]
   local function period_end(start) return start + window end
   local function later(t, start) return t - math.fmod(t, window) > start end
-  local function packed(start, spent) return struct.pack('<dd', start, spent) end
-  local state = fields(redis.call('GET', key), '<dd', 16)
-  return period(key, state, limit, now - math.fmod(now, window), period_end, later, packed)
+  local function packed(start, spent) return struct.pack('<ddd', start, spent, window) end
+  -- The window's length is stored too (an earlier version's value lacks it): the key's
+  -- expiry is the stored window's end only if its length is this one.
+  local value = redis.call('GET', key)
+  local state = fields(value, '<ddd', 24)
+  local same = state ~= nil and state[3] == window
+  if state == nil then state = fields(value, '<dd', 16) end
+  return period(key, state, limit, now - math.fmod(now, window), period_end, later, packed, same)
   end end
 
   if kind == 'q' then return function(key, p)
@@ -213,47 +239,72 @@ local function decider(kind)
   local function packed(start, spent)
     return struct.pack('<ddd', start, spent, period_end(start))
   end
-  return period(key, state, limit, current, period_end, later, packed)
+  -- A kept period's end is the stored one, and its key expires then.
+  return period(key, state, limit, current, period_end, later, packed, true)
   end end
 
--- algorithms.SlidingWindowCounter
+-- algorithms.SlidingWindowCounter. An admission makes no closure: most calls are one.
   if kind == 's' then return function(key, p)
   local limit, window = p[1], p[2]
-  local state = fields(redis.call('GET', key), '<ddd', 24)
-  local function roll(t)
-    if state == nil then return nil end
-    local start = t - math.fmod(t, window)
-    if state[1] >= start then return state end
-    if start - state[1] < 1.5 * window then
-      if state[3] ~= 0 then return {start, state[3], 0} end
+  -- The window's length is stored too (an earlier version's value lacks it), as for fixed
+  -- windows.
+  local value = redis.call('GET', key)
+  local state = fields(value, '<dddd', 32)
+  local length = nil
+  if state ~= nil then length = state[4] else state = fields(value, '<ddd', 24) end
+  -- The window rolled to now (algorithms.SlidingWindowCounter._roll).
+  local start, previous, current = now - math.fmod(now, window), 0, 0
+  local same = false  -- the stored window is kept, and the key expires with it
+  if state ~= nil then
+    if state[1] >= start then
+      start, previous, current = state[1], state[2], state[3]
+      same = length == window
+    elseif start - state[1] < 1.5 * window and state[3] ~= 0 then
+      previous = state[3]
     end
-    return nil
   end
-  local function weighted(rolled, t)
-    local previous = rolled[2]
-    if previous == 0 then return 0 end
-    local elapsed = t - rolled[1]
-    if elapsed <= 0 then return previous end
-    return previous * (window - elapsed) / window
+  local fading = 0
+  if previous ~= 0 then
+    local elapsed = now - start
+    if elapsed <= 0 then
+      fading = previous
+    else
+      fading = previous * (window - elapsed) / window
+    end
   end
-  local function admits(t)
-    local rolled = roll(t)
-    if rolled == nil then return cost <= limit end
-    return weighted(rolled, t) <= limit - rolled[3] - cost
-  end
-  local rolled = roll(now) or {now - math.fmod(now, window), 0, 0}
-  local start, previous, current = rolled[1], rolled[2], rolled[3]
-  local fading = weighted(rolled, now)
   local room = limit - current - cost
   if fading <= room then
     local decision = {true, limit, room - math.ceil(fading), start + 2 * window - now, 0, 0}
     return decision, function()
-      local value = struct.pack('<ddd', start, previous, current + cost)
-      redis.call('SET', key, value, 'PX', ttl(start + 2 * window))
+      local packed = struct.pack('<dddd', start, previous, current + cost, window)
+      store(key, packed, same, start + 2 * window)
     end
   end
   local retry = INF
   if cost <= limit then
+    local function roll(t)
+      if state == nil then return nil end
+      local begins = t - math.fmod(t, window)
+      if state[1] >= begins then return state end
+      if begins - state[1] < 1.5 * window then
+        if state[3] ~= 0 then return {begins, state[3], 0} end
+      end
+      return nil
+    end
+    local function admits(t)
+      local rolled = roll(t)
+      if rolled == nil then return cost <= limit end
+      local faded = 0
+      if rolled[2] ~= 0 then
+        local elapsed = t - rolled[1]
+        if elapsed <= 0 then
+          faded = rolled[2]
+        else
+          faded = rolled[2] * (window - elapsed) / window
+        end
+      end
+      return faded <= limit - rolled[3] - cost
+    end
     local moment
     if room >= 0 then
       moment = start + window * (1 - room / previous)
@@ -423,6 +474,24 @@ local function decider(kind)
   end end
 end
 
+"""
+).substitute(
+    slack=EXPIRY_SLACK_MS,
+    held=CONCURRENCY_TTL_MS,
+    counts=", ".join(f"{code} = {len(names)}" for code, names in PARAMETERS.items()),
+)
+
+# One call: what `KEYS` and `ARGV` ask.
+_CALL: Final = """
+local op = ARGV[1]
+if ARGV[2] == '' then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+else
+  now = tonumber(ARGV[2])
+end
+cost = tonumber(ARGV[3])
+
 if op == 'r' then
   local left = (tonumber(redis.call('GET', KEYS[1])) or 0) - cost
   if left > 0 then
@@ -433,7 +502,6 @@ if op == 'r' then
   return 0
 end
 
-local COUNTS = {$counts}
 local decisions, writes = {}, {}
 local admitted = true
 local at = 4
@@ -493,14 +561,20 @@ if chosen[1] then allowed = 1 end
 return struct.pack(
   '<ddddddd', chosen_index - 1, allowed, chosen[2], chosen[3], chosen[4], retry, delay)
 """
-    )
-    .substitute(
-        slack=EXPIRY_SLACK_MS,
-        held=CONCURRENCY_TTL_MS,
-        counts=", ".join(f"{code} = {len(names)}" for code, names in PARAMETERS.items()),
-    )
-    .encode()
-)
+
+SCRIPT: Final = (_DEFINITIONS + _CALL).encode()
+"""The script for ``EVAL``/``EVALSHA``: everything, made again on every call."""
 
 SCRIPT_SHA: Final = hashlib.sha1(SCRIPT, usedforsecurity=False).hexdigest()
 """What EVALSHA names the script by (Redis' own digest of its text)."""
+
+FUNCTION_NAME: Final = f"tollgate_{SCRIPT_SHA[:16]}"
+"""The library's name and its one function's: the script's digest in it, so that gateways of
+two versions sharing one Redis each call their own."""
+
+LIBRARY: Final = (
+    f"#!lua name={FUNCTION_NAME}\n{_DEFINITIONS}\n"
+    f"redis.register_function('{FUNCTION_NAME}', function(KEYS, ARGV)\n{_CALL}end)\n"
+).encode()
+"""The same as a function library (Redis 7 and later, ``FUNCTION LOAD``): its definitions are
+made once, when it is loaded, and ``FCALL`` runs only the call's part."""

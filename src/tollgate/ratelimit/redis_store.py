@@ -1,11 +1,19 @@
 """The cluster-wide store of rate-limit state: Redis, decided by a script in one round trip.
 
-Every gateway node shares the counters. A request's limits are decided together by one
-`EVALSHA` of the script in `tollgate.ratelimit.redis_script`: Redis runs it alone, so reading
-the states, deciding with every limit and writing the new states (only if all admit) is one
-atomic step, as `decide_all` over a `ProcessStore` is in one worker. The script is loaded with
-``SCRIPT LOAD`` once and reloaded when Redis answers ``NOSCRIPT`` (after a restart, a failover
-or ``SCRIPT FLUSH``); the call is then sent again, which is safe: a NOSCRIPT call ran nothing.
+Every gateway node shares the counters. A request's limits are decided together by one call
+of the script in `tollgate.ratelimit.redis_script`: Redis runs it alone, so reading the
+states, deciding with every limit and writing the new states (only if all admit) is one
+atomic step, as `decide_all` over a `ProcessStore` is in one worker.
+
+The script is loaded twice over, in one round trip: as a script (``SCRIPT LOAD``) and as a
+function library (``FUNCTION LOAD``, Redis 7 and later). Calls are ``FCALL`` where the library
+loaded, which costs Redis less per call (it makes the script's helpers once), and ``EVALSHA``
+where it did not (Redis 6, or a user the ACL refuses ``FUNCTION``). Both are loaded again when
+Redis answers that it lacks them (``NOSCRIPT``, or ``Function not found``: after a restart, a
+failover, ``SCRIPT FLUSH`` or ``FUNCTION FLUSH``), and the call is then sent again, which is
+safe: a call that found nothing to run ran nothing. The library is named after the script's
+digest, so that gateways of two versions sharing one Redis call each their own; a version's
+library stays in Redis (functions are kept, as data is) until ``FUNCTION DELETE``.
 
 The script makes the decisions the pure algorithms make (see the script's module for why they
 are equal bit for bit) and reports the one `decide_all` would, so that the client only turns
@@ -67,7 +75,14 @@ from tollgate.ratelimit.algorithms import (
     SlidingWindowLog,
     TokenBucket,
 )
-from tollgate.ratelimit.redis_script import KIND_CODES, PARAMETERS, SCRIPT, SCRIPT_SHA
+from tollgate.ratelimit.redis_script import (
+    FUNCTION_NAME,
+    KIND_CODES,
+    LIBRARY,
+    PARAMETERS,
+    SCRIPT,
+    SCRIPT_SHA,
+)
 from tollgate.ratelimit.resp import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -93,6 +108,10 @@ QUOTA_CACHE_SIZE: Final = 1024
 _COST_ERROR = "a request's cost is an integer of at least 1, not {!r}"
 
 _EVALSHA = encode_argument("EVALSHA") + encode_argument(SCRIPT_SHA)
+_FCALL = encode_argument("FCALL") + encode_argument(FUNCTION_NAME)
+# What Redis answers a call of a script or function it does not have.
+_NO_SCRIPT = "NOSCRIPT"
+_NO_FUNCTION = "ERR Function not found"
 _HIT = encode_argument("h")
 _PEEK = encode_argument("p")
 _RELEASE = encode_argument("r")
@@ -132,13 +151,16 @@ class RedisStore:
 
     The first call connects (or call `connect` at start-up). With `clock=None` time is the
     Redis server's; a `clock` (tests) is read instead. `key_prefix` starts every key (no
-    braces: they would move the hash tag).
+    braces: they would move the hash tag). With `functions=False` calls go by EVALSHA even
+    where Redis has functions.
     """
 
     __slots__ = (
         "_client",
         "_clock",
         "_encoded",
+        "_functions",
+        "_invoke",
         "_key_prefix",
         "_loading",
         "_quota_bounds",
@@ -156,6 +178,7 @@ class RedisStore:
         clock: Clock | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
+        functions: bool = True,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError(f"a key prefix has no braces (they make hash tags): {key_prefix!r}")
@@ -176,7 +199,10 @@ class RedisStore:
         self._quota_bounds: dict[CalendarQuota, tuple[float, float, bytes]] = {}
         self._starting: asyncio.Future[None] | None = None
         self._ready = False  # the first connection attempt is over (whatever its outcome)
-        self._loading: asyncio.Future[Any] | None = None
+        self._loading: asyncio.Future[None] | None = None
+        # How a call starts: FCALL once the library is loaded, else EVALSHA.
+        self._functions = functions
+        self._invoke = _EVALSHA
 
     @property
     def available(self) -> bool:
@@ -227,10 +253,10 @@ class RedisStore:
         reports; `states` is empty (the states stay in Redis).
         """
         _check_hit(limits, cost)
-        command = self._call(_HIT, limits, cost)
         # `_evaluate`, inlined: a coroutine less per request.
         if not self._ready:
             await self._first_connection()
+        command = self._call(_HIT, limits, cost)  # once connected: FCALL or EVALSHA
         # No `await` inside an `except` block in this compiled module: mypyc's coroutines would
         # leave the handled error set as the thread's current exception (a test checks).
         failed: RedisReplyError | None = None
@@ -261,8 +287,8 @@ class RedisStore:
     async def retry_hit(
         self, limits: Sequence[Limit], cost: int, error: RedisReplyError
     ) -> CombinedDecision:
-        """`hit` after its reply was `error`: NOSCRIPT loads the script and calls again (a
-        NOSCRIPT call ran nothing); any other error is raised."""
+        """`hit` after its reply was `error`: a script or function Redis lacks is loaded and
+        the call sent again (it ran nothing); any other error is raised."""
         reply = await self._after_error(error, self._call(_HIT, limits, cost))
         return self.decision_of(reply)
 
@@ -285,7 +311,7 @@ class RedisStore:
             raise ValueError(_COST_ERROR.format(cost))
         command = (
             _ARRAYS[7]
-            + _EVALSHA
+            + self._invoke
             + _INTEGERS[1]
             + self._redis_key(KIND_CODES["concurrency"], key)
             + _RELEASE
@@ -297,7 +323,7 @@ class RedisStore:
     # -- encoding
 
     def _call(self, operation: bytes, limits: Sequence[Limit], cost: int) -> bytes:
-        """``EVALSHA sha <n> key... op now cost params...``, encoded."""
+        """``EVALSHA sha <n> key... op now cost params...`` (or ``FCALL name``), encoded."""
         clock = self._clock
         now = _SERVER_TIME if clock is None else encode_argument(clock.wall())
         cost_argument = _INTEGERS[cost] if cost < _SMALL else encode_argument(cost)
@@ -311,7 +337,7 @@ class RedisStore:
             return b"".join(
                 [
                     _ARRAYS[count] if count < _SMALL else b"*%d\r\n" % count,
-                    _EVALSHA,
+                    self._invoke,
                     _INTEGERS[1],
                     key_argument,
                     operation,
@@ -337,7 +363,7 @@ class RedisStore:
         return b"".join(
             [
                 _ARRAYS[count] if count < _SMALL else b"*%d\r\n" % count,
-                _EVALSHA,
+                self._invoke,
                 _INTEGERS[len(limits)] if len(limits) < _SMALL else encode_argument(len(limits)),
                 *keys,
                 operation,
@@ -401,10 +427,16 @@ class RedisStore:
         return await self._after_error(failed, command)
 
     async def _after_error(self, error: RedisReplyError, command: bytes) -> Any:
-        """After NOSCRIPT, load the script and call again (a NOSCRIPT call ran nothing)."""
-        if not error.message.startswith("NOSCRIPT"):
+        """After NOSCRIPT or a missing function, load both and call again (the call ran
+        nothing): by FCALL only if the library loaded."""
+        message = error.message
+        if not (message.startswith(_NO_SCRIPT) or message.startswith(_NO_FUNCTION)):
             raise error
         await self._load_script()
+        if self._invoke is _EVALSHA:
+            header = command.index(b"\r\n") + 2  # the array's length, then the call's name
+            if command.startswith(_FCALL, header):
+                command = command[:header] + _EVALSHA + command[header + len(_FCALL) :]
         return await self._client.execute_encoded(command)
 
     async def _execute(self, command: bytes) -> Any:
@@ -417,13 +449,38 @@ class RedisStore:
             await self.connect()  # if Redis is down, the call itself fails fast, with why
 
     async def _load_script(self) -> None:
-        """``SCRIPT LOAD``, once however many calls found the script missing at once."""
+        """Load the script and the library, once however many calls found them missing."""
         loading = self._loading
         if loading is None or loading.done():
-            loading = self._loading = self._client.execute("SCRIPT", "LOAD", SCRIPT)
-        sha = await asyncio.shield(loading)
+            loading = self._loading = asyncio.ensure_future(self._load())
+        await asyncio.shield(loading)
+
+    async def _load(self) -> None:
+        """``SCRIPT LOAD`` and ``FUNCTION LOAD``, in one round trip (queued in one turn).
+
+        The script must load; the library may not (Redis 6 has no functions, an ACL may refuse
+        them), and calls then go by EVALSHA.
+        """
+        client = self._client
+        calls = [client.execute("SCRIPT", "LOAD", SCRIPT)]
+        if self._functions:
+            calls.append(client.execute("FUNCTION", "LOAD", "REPLACE", LIBRARY))
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for reply in replies:  # the connection's failures first (StoreUnavailable)
+            if isinstance(reply, BaseException) and not isinstance(reply, RedisReplyError):
+                raise reply
+        sha = replies[0]
+        if isinstance(sha, RedisReplyError):
+            raise sha
         if sha != SCRIPT_SHA.encode():
             raise RedisReplyError(f"SCRIPT LOAD answered {sha!r}, not the digest {SCRIPT_SHA}")
+        name = replies[1] if len(replies) > 1 else None
+        if name is None or isinstance(name, RedisReplyError):
+            self._invoke = _EVALSHA
+        elif name == FUNCTION_NAME.encode():
+            self._invoke = _FCALL
+        else:
+            raise RedisReplyError(f"FUNCTION LOAD answered {name!r}, not {FUNCTION_NAME}")
 
     def __repr__(self) -> str:
         clock = "server time" if self._clock is None else repr(self._clock)

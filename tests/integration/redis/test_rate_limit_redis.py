@@ -161,11 +161,13 @@ async def test_deny_answers_503_with_retry_after_while_redis_is_down(
 async def test_a_script_redis_lost_is_loaded_again_on_the_request_path(
     upstream: RecordingUpstream, redis: RedisServer, start: Starter, http: aiohttp.ClientSession
 ) -> None:
-    # After a restart or a failover Redis answers NOSCRIPT: the request that got it loads the
-    # script, is decided by the second call, and is counted once.
+    # After a restart or a failover Redis lacks the script and the function (NOSCRIPT,
+    # "Function not found"): the request that finds out loads them, is decided by the second
+    # call, and is counted once.
     gateway = await start(config(upstream.url, redis.url, "deny"))
     assert [s for s, _, _ in await statuses(http, gateway, 2)] == [200, 200]
     redis.command("SCRIPT", "FLUSH")
+    redis.command("FUNCTION", "FLUSH")
     answers = await statuses(http, gateway, 4)
     assert [status for status, _, _ in answers] == [200, 200, 200, 429]
     assert [headers["X-RateLimit-Remaining"] for _, headers, _ in answers] == list("2100")

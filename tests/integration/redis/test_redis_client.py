@@ -17,6 +17,7 @@ from redis_server import RedisServer, free_port
 
 from tollgate.clock import FakeClock
 from tollgate.ratelimit import FixedWindow, SlidingWindowCounter, TokenBucket
+from tollgate.ratelimit.redis_script import FUNCTION_NAME
 from tollgate.ratelimit.redis_store import RedisStore
 from tollgate.ratelimit.resp import RedisClient, StoreUnavailable
 
@@ -121,23 +122,91 @@ async def test_a_caller_that_gives_up_leaves_the_replies_in_order(
 # -- the script ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("functions", "flush"),
+    [
+        (False, [("SCRIPT", "FLUSH")]),  # EVALSHA answered NOSCRIPT
+        (True, [("FUNCTION", "FLUSH")]),  # FCALL answered "Function not found"
+        (True, [("SCRIPT", "FLUSH"), ("FUNCTION", "FLUSH")]),
+    ],
+)
 async def test_a_flushed_script_is_loaded_again_transparently(
-    redis: RedisServer, make_store: StoreMaker
+    redis: RedisServer, make_store: StoreMaker, functions: bool, flush: list[tuple[str, str]]
 ) -> None:
-    store = await make_store(redis.url)
+    redis.command("CONFIG", "RESETSTAT")
+    store = await make_store(redis.url, functions=functions)
     assert (await store.hit(LIMIT, 1)).decision.allowed
-    redis.command("SCRIPT", "FLUSH")
+    for command in flush:
+        redis.command(*command)
     outcomes = await asyncio.gather(*(store.hit(LIMIT, 1) for _ in range(10)))
     assert sorted(combined.decision.remaining for combined in outcomes) == list(
         range(1_000_000 - 11, 1_000_000 - 1)
     )
     await store.reset("rate-limit|svc/route|minute|fp|consumer=acme")
-    redis.command("SCRIPT", "FLUSH")
+    for command in flush:
+        redis.command(*command)
     assert (await store.peek(*LIMIT[0])).remaining == 1_000_000 - 1
-    # The NOSCRIPT errors were handled and are gone: none is left as the exception being
-    # handled (an `await` inside an `except` block, compiled, leaves it set, and every later
-    # exception of the thread would then carry it as its context).
+    assert calls_by(redis) == ({"fcall"} if functions else {"evalsha"})
+    # The errors were handled and are gone: none is left as the exception being handled (an
+    # `await` inside an `except` block, compiled, leaves it set, and every later exception of
+    # the thread would then carry it as its context).
     assert sys.exc_info() == (None, None, None)
+
+
+def calls_by(server: RedisServer) -> set[str]:
+    """How the script was called since the statistics were reset: fcall, evalsha, eval."""
+    stats = server.command("INFO", "commandstats").decode()
+    return {name for name in ("fcall", "evalsha", "eval") if f"cmdstat_{name}:calls=" in stats}
+
+
+async def test_calls_go_by_fcall_where_redis_has_functions(
+    redis: RedisServer, make_store: StoreMaker
+) -> None:
+    redis.command("CONFIG", "RESETSTAT")
+    store = await make_store(redis.url)
+    assert (await store.hit(LIMIT, 1)).decision.allowed
+    await store.release("rate-limit|svc/route|minute|fp|consumer=acme", 1)
+    assert calls_by(redis) == {"fcall"}
+    [library] = redis.command("FUNCTION", "LIST")
+    assert library[1] == FUNCTION_NAME.encode()  # named by the script's digest
+
+
+async def test_a_user_refused_functions_calls_by_evalsha(
+    redis: RedisServer, make_store: StoreMaker
+) -> None:
+    # Managed Redis services and careful operators give gateways users without FUNCTION.
+    redis.command("ACL", "SETUSER", "gateway", "on", ">secret", "~*", "+@all", "-function")
+    try:
+        redis.command("CONFIG", "RESETSTAT")
+        port = redis.port
+        store = await make_store(f"redis://gateway:secret@127.0.0.1:{port}/0")
+        assert (await store.hit(LIMIT, 1)).decision.remaining == 1_000_000 - 1
+        assert (await store.hit(LIMIT, 1)).decision.remaining == 1_000_000 - 2
+        assert calls_by(redis) == {"evalsha"}
+        assert redis.command("FUNCTION", "LIST") == []
+    finally:
+        redis.command("ACL", "DELUSER", "gateway")
+
+
+async def test_a_library_lost_and_refused_afterwards_leaves_calls_to_evalsha(
+    redis: RedisServer, make_store: StoreMaker
+) -> None:
+    redis.command("ACL", "SETUSER", "gateway", "on", ">secret", "~*", "+@all")
+    try:
+        store = await make_store(f"redis://gateway:secret@127.0.0.1:{redis.port}/0")
+        assert (await store.hit(LIMIT, 1)).decision.remaining == 1_000_000 - 1
+        redis.command("ACL", "SETUSER", "gateway", "-function")
+        redis.command("FUNCTION", "FLUSH")
+        redis.command("CONFIG", "RESETSTAT")
+        # The FCALL finds no function, the library cannot be loaded again: the same call goes
+        # by EVALSHA, and so do the next ones.
+        assert (await store.hit(LIMIT, 1)).decision.remaining == 1_000_000 - 2
+        assert (await store.hit(LIMIT, 1)).decision.remaining == 1_000_000 - 3
+        stats = redis.command("INFO", "commandstats").decode()
+        assert "cmdstat_fcall:calls=1," in stats
+        assert "cmdstat_evalsha:calls=2," in stats
+    finally:
+        redis.command("ACL", "DELUSER", "gateway")
 
 
 # -- losing Redis -------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from tollgate.ratelimit import (
     WindowCount,
     decide_all,
 )
-from tollgate.ratelimit.redis_store import RedisStore
+from tollgate.ratelimit.redis_store import RedisStore, hash_tag
 
 # The `make_store` fixture (conftest.py): connected stores, closed after the test.
 StoreMaker = Callable[..., Awaitable[RedisStore]]
@@ -120,11 +120,12 @@ async def replay(
     algorithm: RateAlgorithm[Any],
     steps: list[tuple[int, int]],
     start: float = BASE,
+    functions: bool = True,
 ) -> None:
     """Hit the store and the pure algorithm alike at each step; they must agree exactly."""
     clock = FakeClock(wall=start)
     prefix = f"test:{uuid.uuid4().hex}:"
-    store = RedisStore(server.url, clock=clock, key_prefix=prefix)
+    store = RedisStore(server.url, clock=clock, key_prefix=prefix, functions=functions)
     try:
         key = f"rate-limit|svc/route|limit|{algorithm.kind}|consumer=acme"
         state = None
@@ -141,15 +142,16 @@ async def replay(
         await store.close()
 
 
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
 @pytest.mark.parametrize("kind", ALGORITHMS)
 def test_each_algorithm_decides_in_redis_as_the_pure_one(
-    shared_redis: RedisServer, kind: str
+    shared_redis: RedisServer, kind: str, functions: bool
 ) -> None:
     # Each example has keys of its own (a prefix of its own): nothing to empty between them.
     @EXAMPLES
     @given(ALGORITHMS[kind], arrivals())
     def check(algorithm: RateAlgorithm[Any], steps: list[tuple[int, int]]) -> None:
-        asyncio.run(replay(shared_redis, algorithm, steps))
+        asyncio.run(replay(shared_redis, algorithm, steps, functions=functions))
 
     check()
 
@@ -427,6 +429,50 @@ async def test_keys_expire_once_their_state_counts_for_nothing(
     assert 45_000 < by_kind[b"f"] <= 46_000  # the window's 45 s left, and a second of slack
     assert 2_000 < by_kind[b"t"] <= 3_000
     assert 3_590_000 < by_kind[b"c"] <= 3_600_000  # until released, or an hour idle
+
+
+async def test_a_window_kept_keeps_its_expiry_and_a_new_length_sets_it_again(
+    redis: RedisServer, make_store: StoreMaker
+) -> None:
+    def expiry(kind: bytes) -> int:
+        [key] = [key for key in redis.command("KEYS", "*") if key.split(b"}")[1][:1] == kind]
+        return int(redis.command("PTTL", key))
+
+    for algorithm, kind in ((FixedWindow(5, 60), b"f"), (SlidingWindowCounter(5, 60), b"s")):
+        clock = FakeClock(wall=BASE - BASE % 120 + 15)  # 15 s into a 60 s and a 120 s window
+        store = await make_store(redis.url, clock=clock)
+        await store.hit([("acme", algorithm)], 1)
+        first = expiry(kind)
+        assert 45_000 < first <= 46_000 if kind == b"f" else 105_000 < first <= 106_000
+        clock.advance(10)  # the same window: its end, and the key's expiry, stay
+        assert (await store.hit([("acme", algorithm)], 1)).decision.remaining == 3
+        assert first - 1_000 < expiry(kind) <= first
+        # The same key, a window twice as long: the stored window is kept (it starts with the
+        # long one), and the key lives until the long window's end.
+        longer = type(algorithm)(5, 120)
+        assert (await store.hit([("acme", longer)], 1)).decision.remaining == 2
+        if kind == b"f":
+            assert 95_000 < expiry(kind) <= 96_000
+        else:
+            assert 215_000 < expiry(kind) <= 216_000
+
+
+async def test_windows_stored_without_their_length_are_read_and_given_it(
+    redis: RedisServer, make_store: StoreMaker
+) -> None:
+    # An earlier version stored ``start spent`` and ``start previous current``.
+    now = BASE - BASE % 60 + 15
+    store = await make_store(redis.url, clock=FakeClock(wall=now), key_prefix="old:")
+    start, tag = now - 15, hash_tag("acme")
+    redis.command("SET", f"old:{{{tag}}}f:acme", struct.pack("<dd", start, 3))
+    redis.command("SET", f"old:{{{tag}}}s:acme", struct.pack("<ddd", start, 0, 2))
+    fixed = await store.hit([("acme", FixedWindow(5, 60))], 1)
+    sliding = await store.hit([("acme", SlidingWindowCounter(5, 60))], 1)
+    assert (fixed.decision.remaining, sliding.decision.remaining) == (1, 2)
+    for kind, count in ((b"f", 3), (b"s", 4)):
+        [key] = [key for key in redis.command("KEYS", "*") if key.split(b"}")[1][:1] == kind]
+        assert len(redis.command("GET", key)) == count * 8  # now with the window's length
+        assert 0 < int(redis.command("PTTL", key)) <= (46_000 if kind == b"f" else 106_000)
 
 
 async def test_retry_after_is_exact_at_the_boundary(
