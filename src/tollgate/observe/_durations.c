@@ -18,7 +18,18 @@
  * (observe/sketch.py, LatencySketch.add_many): values is a buffer of doubles (an array('d')),
  * each finite and >= 0; returns ({bucket: count}, zeros), where a value above floor is in
  * bucket ceil(log(value) * multiplier), as the Python code computes it, and the others are
- * zeros. In Python that is about 0.35 us a value (three values a call); here a few ns. */
+ * zeros. In Python that is about 0.35 us a value (three values a call); here a few ns.
+ *
+ * aggregate(records, minutes, fields, empty): the rollups' minute aggregates
+ * (observe/rollups.py, RollupAggregator.add_batch, whose Python code is the reference and the
+ * fallback): each record (a tuple) is counted in minutes[(minute, service, route, consumer,
+ * status class)], a tuple of four bytearrays: five native int64 counters (calls, 4xx, 5xx,
+ * bytes in, bytes out), then the total, gateway and upstream latencies as native doubles
+ * appended. `fields` are the indexes of time, service, route, consumer, status, bytes in,
+ * bytes out, total, gateway and upstream ms in a record; `empty` stands for a missing service,
+ * route or consumer. The Python loop is about 1.2 us a record in the writer thread, which
+ * shares the core with the event loop; here a record of the same key as the one before it
+ * costs no allocation and no dict look-up. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -266,9 +277,209 @@ done:
     return result;
 }
 
+/* Python's float floor division (floatobject.c's float_floor_div), for w > 0. */
+static double floor_divide(double v, double w) {
+    double mod = fmod(v, w);
+    double div = (v - mod) / w;
+    if (mod && ((w < 0) != (mod < 0))) {
+        div -= 1.0;
+    }
+    if (!div) {
+        return copysign(0.0, v / w);
+    }
+    double floored = floor(div);
+    if (div - floored > 0.5) {
+        floored += 1.0;
+    }
+    return floored;
+}
+
+static int append_double(PyObject *bytes, double value) {
+    Py_ssize_t size = PyByteArray_GET_SIZE(bytes);
+    if (PyByteArray_Resize(bytes, size + (Py_ssize_t)sizeof(double)) < 0) {
+        return -1;
+    }
+    memcpy(PyByteArray_AS_STRING(bytes) + size, &value, sizeof(double));
+    return 0;
+}
+
+/* A new minute: (counters, total, gateway, upstream), the counters zero. */
+static PyObject *new_minute(void) {
+    long long zeros[5] = {0, 0, 0, 0, 0};
+    PyObject *counters = PyByteArray_FromStringAndSize((const char *)zeros, sizeof(zeros));
+    PyObject *total = PyByteArray_FromStringAndSize(NULL, 0);
+    PyObject *gateway = PyByteArray_FromStringAndSize(NULL, 0);
+    PyObject *upstream = PyByteArray_FromStringAndSize(NULL, 0);
+    PyObject *minute = NULL;
+    if (counters && total && gateway && upstream) {
+        minute = PyTuple_Pack(4, counters, total, gateway, upstream);
+    }
+    Py_XDECREF(counters);
+    Py_XDECREF(total);
+    Py_XDECREF(gateway);
+    Py_XDECREF(upstream);
+    return minute;
+}
+
+enum { F_TIME, F_SERVICE, F_ROUTE, F_CONSUMER, F_STATUS, F_IN, F_OUT, F_TOTAL, F_GATEWAY,
+       F_UPSTREAM, F_COUNT };
+
+static PyObject *aggregate(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyDict_Check(args[1]) || !PyTuple_Check(args[2]) ||
+        PyTuple_GET_SIZE(args[2]) != F_COUNT) {
+        PyErr_SetString(PyExc_TypeError, "aggregate(records, minutes: dict, fields: 10-tuple, empty)");
+        return NULL;
+    }
+    PyObject *minutes = args[1];
+    PyObject *empty = args[3];
+    Py_ssize_t fields[F_COUNT];
+    for (int f = 0; f < F_COUNT; f++) {
+        fields[f] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[2], f));
+        if (fields[f] < 0) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "field indexes are >= 0");
+            }
+            return NULL;
+        }
+    }
+    PyObject *records = PySequence_Fast(args[0], "records must be a sequence");
+    if (records == NULL) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    /* The key of the record before (borrowed: the dict holds the minute, the records their
+     * fields), to skip the key and the look-up when it repeats. */
+    PyObject *minute = NULL, *last_service = NULL, *last_route = NULL, *last_consumer = NULL;
+    double last_floor = 0.0;
+    long last_klass = -1;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(records);
+    PyObject **items = PySequence_Fast_ITEMS(records);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *record = items[i];
+        if (!PyTuple_Check(record)) {
+            PyErr_SetString(PyExc_TypeError, "a record is a tuple");
+            goto done;
+        }
+        for (int f = 0; f < F_COUNT; f++) {
+            if (fields[f] >= PyTuple_GET_SIZE(record)) {
+                PyErr_SetString(PyExc_IndexError, "a record has fewer fields than indexed");
+                goto done;
+            }
+        }
+        double moment, total, gateway, upstream = 0.0;
+        if (double_of(PyTuple_GET_ITEM(record, fields[F_TIME]), &moment) < 0) {
+            goto done;
+        }
+        PyObject *service = PyTuple_GET_ITEM(record, fields[F_SERVICE]);
+        PyObject *route = PyTuple_GET_ITEM(record, fields[F_ROUTE]);
+        PyObject *consumer = PyTuple_GET_ITEM(record, fields[F_CONSUMER]);
+        service = service == Py_None ? empty : service;
+        route = route == Py_None ? empty : route;
+        consumer = consumer == Py_None ? empty : consumer;
+        long status = PyLong_AsLong(PyTuple_GET_ITEM(record, fields[F_STATUS]));
+        if (status == -1 && PyErr_Occurred()) {
+            goto done;
+        }
+        long klass = 100 <= status && status <= 599 ? status / 100 : 0;
+        long long bytes_in = PyLong_AsLongLong(PyTuple_GET_ITEM(record, fields[F_IN]));
+        if (bytes_in == -1 && PyErr_Occurred()) {
+            goto done;
+        }
+        long long bytes_out = PyLong_AsLongLong(PyTuple_GET_ITEM(record, fields[F_OUT]));
+        if (bytes_out == -1 && PyErr_Occurred()) {
+            goto done;
+        }
+        if (double_of(PyTuple_GET_ITEM(record, fields[F_TOTAL]), &total) < 0 ||
+            double_of(PyTuple_GET_ITEM(record, fields[F_GATEWAY]), &gateway) < 0) {
+            goto done;
+        }
+        PyObject *upstream_value = PyTuple_GET_ITEM(record, fields[F_UPSTREAM]);
+        if (upstream_value != Py_None && double_of(upstream_value, &upstream) < 0) {
+            goto done;
+        }
+        double floored = floor_divide(moment, 60.0);
+        if (minute == NULL || floored != last_floor || klass != last_klass ||
+            service != last_service || route != last_route || consumer != last_consumer) {
+            PyObject *whole = PyLong_FromDouble(floored); /* int(): NaN and infinities raise */
+            if (whole == NULL) {
+                goto done;
+            }
+            PyObject *sixty = PyLong_FromLong(60);
+            PyObject *start = sixty ? PyNumber_Multiply(whole, sixty) : NULL;
+            Py_DECREF(whole);
+            Py_XDECREF(sixty);
+            PyObject *klass_object = start ? PyLong_FromLong(klass) : NULL;
+            PyObject *key = klass_object ? PyTuple_Pack(5, start, service, route, consumer,
+                                                        klass_object)
+                                         : NULL;
+            Py_XDECREF(start);
+            Py_XDECREF(klass_object);
+            if (key == NULL) {
+                goto done;
+            }
+            minute = PyDict_GetItemWithError(minutes, key);
+            if (minute == NULL) {
+                if (PyErr_Occurred()) {
+                    Py_DECREF(key);
+                    goto done;
+                }
+                PyObject *made = new_minute();
+                int failed = made == NULL || PyDict_SetItem(minutes, key, made) < 0;
+                Py_XDECREF(made); /* the dict holds it */
+                if (failed) {
+                    Py_DECREF(key);
+                    goto done;
+                }
+                minute = made;
+            }
+            Py_DECREF(key);
+            if (!PyTuple_Check(minute) || PyTuple_GET_SIZE(minute) != 4) {
+                PyErr_SetString(PyExc_TypeError, "a minute is a tuple of four bytearrays");
+                goto done;
+            }
+            for (int part = 0; part < 4; part++) {
+                if (!PyByteArray_Check(PyTuple_GET_ITEM(minute, part))) {
+                    PyErr_SetString(PyExc_TypeError, "a minute is a tuple of four bytearrays");
+                    goto done;
+                }
+            }
+            if (PyByteArray_GET_SIZE(PyTuple_GET_ITEM(minute, 0)) != 5 * sizeof(long long)) {
+                PyErr_SetString(PyExc_ValueError, "a minute's counters are five int64");
+                goto done;
+            }
+            last_floor = floored;
+            last_klass = klass;
+            last_service = service;
+            last_route = route;
+            last_consumer = consumer;
+        }
+        long long counters[5];
+        char *stored = PyByteArray_AS_STRING(PyTuple_GET_ITEM(minute, 0));
+        memcpy(counters, stored, sizeof(counters));
+        counters[0] += 1;
+        counters[1] += klass == 4;
+        counters[2] += klass == 5;
+        counters[3] += bytes_in;
+        counters[4] += bytes_out;
+        memcpy(stored, counters, sizeof(counters));
+        if (append_double(PyTuple_GET_ITEM(minute, 1), total) < 0 ||
+            append_double(PyTuple_GET_ITEM(minute, 2), gateway) < 0 ||
+            (upstream_value != Py_None &&
+             append_double(PyTuple_GET_ITEM(minute, 3), upstream) < 0)) {
+            goto done;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_DECREF(records);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"bucket_counts", (PyCFunction)(void (*)(void))bucket_counts, METH_FASTCALL,
      "bucket_counts(values, multiplier, floor) -> ({bucket: count}, zeros)."},
+    {"aggregate", (PyCFunction)(void (*)(void))aggregate, METH_FASTCALL,
+     "aggregate(records, minutes, fields, empty): count records in their minute aggregates."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,8 +14,10 @@ rows a day to merge, the route level one per route and day, which is what keeps 
 percentile query well under 200 ms. Both levels are built from the same minute aggregates.
 
 Where they are built. In the log pipeline's writer thread, never on the request path:
-`RollupSink.write` adds each record to in-memory minute aggregates (a dict look-up, a few
-counters, and its latencies appended to arrays); `flush`, every `flush_interval` (10 s),
+`RollupSink.write` adds each record to in-memory minute aggregates (a few counters, and its
+latencies appended to buffers; a dict look-up when its key is not the record before's), in C
+(`_durations.aggregate`: 0.1 µs a record, where the Python loop took 1.2 µs of the core the
+writer thread shares with the event loop); `flush`, every `flush_interval` (10 s),
 builds the minutes' sketches and merges them into all six tables, in one transaction under
 the writers' lock. Merging is additive (counts add,
 sketches merge), so a minute flushed in several parts, or by several workers and nodes, ends
@@ -356,40 +358,89 @@ class RollupRow:
 
 MinuteValues = tuple[int, int, int, int, int, tuple[bytes, ...]]
 
-# The fields the aggregator reads, fetched from a record in one C call.
-_ROLLUP_FIELDS: Final = itemgetter(
-    *(
-        COLUMNS.index(name)
-        for name in (
-            "time",
-            "service",
-            "route",
-            "consumer",
-            "status",
-            "bytes_in",
-            "bytes_out",
-            "total_ms",
-            "gateway_ms",
-            "upstream_ms",
-        )
+# The fields the aggregator reads, by their indexes in a record (`_durations.aggregate`), and
+# fetched from a record in one C call (the Python aggregator).
+_AGGREGATE_FIELDS: Final = tuple(
+    COLUMNS.index(name)
+    for name in (
+        "time",
+        "service",
+        "route",
+        "consumer",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "total_ms",
+        "gateway_ms",
+        "upstream_ms",
     )
 )
+_ROLLUP_FIELDS: Final = itemgetter(*_AGGREGATE_FIELDS)
+
+try:  # counted in C when the package was built with its extensions
+    from tollgate.observe._durations import (  # type: ignore[import-not-found,unused-ignore]
+        aggregate as _c_aggregate,
+    )
+except ImportError:  # pragma: no cover - a build without a compiler
+    _c_aggregate = None
 
 
-class _Minute:
-    """A minute aggregate as records come in: counters, and the latencies kept as doubles
-    until `take` builds the sketches (a sketch `add` per record costs several times more
-    here, where thousands of small sketches are built at once, than a batch of adds later)."""
+# A minute aggregate as records come in (the layout `_durations.aggregate` fills): five native
+# int64 counters (calls, 4xx, 5xx, bytes in, bytes out), then the total, gateway and upstream
+# latencies as native doubles, appended, until `take` builds the sketches (a sketch `add` per
+# record costs several times more here, where thousands of small sketches are built at once,
+# than a batch of adds later).
+_Minute = tuple[bytearray, bytearray, bytearray, bytearray]
+_COUNTERS: Final = struct.Struct("=5q")
+_LATENCY: Final = struct.Struct("=d")
 
-    __slots__ = ("bytes_in", "bytes_out", "count", "errors_4xx", "errors_5xx", "latencies")
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.errors_4xx = 0
-        self.errors_5xx = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.latencies = (array("d"), array("d"), array("d"))  # total, gateway, upstream
+def _new_minute() -> _Minute:
+    return (bytearray(_COUNTERS.size), bytearray(), bytearray(), bytearray())
+
+
+def _aggregate_python(records: Iterable[CallRecord], minutes: dict[RollupKey, _Minute]) -> None:
+    """`_durations.aggregate`, the reference and the fallback of a build without a compiler."""
+    get = minutes.get
+    pack = _LATENCY.pack
+    for (
+        moment,
+        service,
+        route,
+        consumer,
+        status,
+        bytes_in,
+        bytes_out,
+        total_ms,
+        gateway_ms,
+        upstream_ms,
+    ) in map(_ROLLUP_FIELDS, records):
+        klass = status // 100 if 100 <= status <= 599 else 0
+        key = (
+            int(moment // MINUTE) * MINUTE,
+            "" if service is None else service,
+            "" if route is None else route,
+            "" if consumer is None else consumer,
+            klass,
+        )
+        minute = get(key)
+        if minute is None:
+            minute = minutes[key] = _new_minute()
+        counters, total, gateway, upstream = minute
+        count, errors_4xx, errors_5xx, in_bytes, out_bytes = _COUNTERS.unpack(counters)
+        _COUNTERS.pack_into(
+            counters,
+            0,
+            count + 1,
+            errors_4xx + (klass == 4),
+            errors_5xx + (klass == 5),
+            in_bytes + bytes_in,
+            out_bytes + bytes_out,
+        )
+        total += pack(total_ms)
+        gateway += pack(gateway_ms)
+        if upstream_ms is not None:
+            upstream += pack(upstream_ms)
 
 
 def _encode_latencies(values: array[float]) -> bytes:
@@ -412,45 +463,13 @@ class RollupAggregator:
         self._minutes: dict[RollupKey, _Minute] = {}
         self._restored: dict[RollupKey, MinuteValues] = {}
 
-    def add_batch(self, records: Iterable[CallRecord]) -> None:
-        """Count each record in its minute's aggregate: about 3 µs a record."""
-        minutes = self._minutes
-        get = minutes.get
-        for (
-            moment,
-            service,
-            route,
-            consumer,
-            status,
-            bytes_in,
-            bytes_out,
-            total_ms,
-            gateway_ms,
-            upstream_ms,
-        ) in map(_ROLLUP_FIELDS, records):
-            klass = status // 100 if 100 <= status <= 599 else 0
-            key = (
-                int(moment // MINUTE) * MINUTE,
-                service or "",
-                route or "",
-                consumer or "",
-                klass,
-            )
-            minute = get(key)
-            if minute is None:
-                minute = minutes[key] = _Minute()
-            minute.count += 1
-            if klass == 4:
-                minute.errors_4xx += 1
-            elif klass == 5:
-                minute.errors_5xx += 1
-            minute.bytes_in += bytes_in
-            minute.bytes_out += bytes_out
-            total, gateway, upstream = minute.latencies
-            total.append(total_ms)
-            gateway.append(gateway_ms)
-            if upstream_ms is not None:
-                upstream.append(upstream_ms)
+    def add_batch(self, records: Sequence[CallRecord]) -> None:
+        """Count each record in its minute's aggregate: about 0.1 µs a record in C (of the
+        same key as the record before), 1.5 µs in Python."""
+        if _c_aggregate is not None:
+            _c_aggregate(records, self._minutes, _AGGREGATE_FIELDS, "")
+        else:
+            _aggregate_python(records, self._minutes)
 
     def add(self, record: CallRecord) -> None:
         self.add_batch((record,))
@@ -462,14 +481,10 @@ class RollupAggregator:
         """The minute aggregates (sketches built and encoded), leaving the aggregator empty."""
         minutes, self._minutes = self._minutes, {}
         taken, self._restored = self._restored, {}
-        for key, minute in minutes.items():
+        for key, (counters, *latencies) in minutes.items():
             values: MinuteValues = (
-                minute.count,
-                minute.errors_4xx,
-                minute.errors_5xx,
-                minute.bytes_in,
-                minute.bytes_out,
-                tuple(_encode_latencies(latencies) for latencies in minute.latencies),
+                *_COUNTERS.unpack(counters),
+                tuple(_encode_latencies(array("d", doubles)) for doubles in latencies),
             )
             earlier = taken.get(key)
             taken[key] = values if earlier is None else _combine(earlier, values)

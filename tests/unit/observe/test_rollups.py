@@ -2,10 +2,15 @@ from __future__ import annotations
 
 import math
 import random
+import struct
+from typing import Any
 
 import pytest
 from call_records import T0, generate_records, make_record
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tollgate.observe import rollups
 from tollgate.observe.rollups import (
     DAY,
     HOUR,
@@ -182,3 +187,75 @@ def test_grouping_into_days_at_route_level_drops_the_consumer() -> None:
     by_consumer = group_rows(minutes, DAY, "consumer")
     assert sum(row.count for row in by_consumer.values()) == 2_000
     assert {key[3] for key in by_consumer} == {"acme", "globex", "initech", ""}
+
+
+# -- the C aggregator (observe/_durations.c) against the Python reference -------------------
+
+SERVICES = st.sampled_from(["orders-api", "billing", "", None])
+RECORDS = st.lists(
+    st.builds(
+        lambda minute, second, service, route, consumer, status, sizes, latencies: make_record(
+            time=T0 + minute * MINUTE + second,
+            service=service,
+            route=route,
+            consumer=consumer,
+            status=status,
+            bytes_in=sizes[0],
+            bytes_out=sizes[1],
+            total_ms=latencies[0],
+            gateway_ms=latencies[1],
+            upstream_ms=latencies[2],
+        ),
+        st.integers(-2, 2),
+        st.one_of(st.floats(0, 60, exclude_max=True), st.integers(0, 59)),
+        SERVICES,
+        SERVICES,
+        st.sampled_from(["acme", None]),
+        st.sampled_from([0, 99, 100, 200, 204, 404, 429, 500, 503, 599, 600]),
+        st.tuples(st.integers(0, 2**40), st.integers(0, 2**40)),
+        st.tuples(
+            st.floats(allow_nan=False),
+            st.integers(0, 10**6),
+            st.one_of(st.none(), st.floats(allow_nan=True)),
+        ),
+    ),
+    max_size=40,
+)
+
+
+def compiled_aggregate() -> Any:
+    # The tests run on the compiled build (the README's command): a missing extension fails.
+    if rollups._c_aggregate is None:
+        pytest.fail("the compiled aggregator (tollgate.observe._durations) is not built")
+    return rollups._c_aggregate
+
+
+@settings(max_examples=300)
+@given(batches=st.lists(RECORDS, min_size=1, max_size=3))
+def test_the_c_aggregator_counts_as_the_python_one(batches: list[list[Any]]) -> None:
+    aggregate = compiled_aggregate()
+    in_c: dict[Any, Any] = {}
+    in_python: dict[Any, Any] = {}
+    for batch in batches:
+        aggregate(batch, in_c, rollups._AGGREGATE_FIELDS, "")
+        rollups._aggregate_python(batch, in_python)
+    assert in_c == in_python
+    assert all(type(key[0]) is int and type(key[4]) is int for key in in_c)
+
+
+def test_the_c_aggregator_refuses_what_python_refuses() -> None:
+    aggregate = compiled_aggregate()
+    fields = rollups._AGGREGATE_FIELDS
+    error: type[Exception] | tuple[type[Exception], ...]
+    for bad, error in (
+        (make_record(time=math.nan), ValueError),  # int(nan)
+        (make_record(time=math.inf), ValueError),  # inf // 60 is nan
+        (make_record(status=None), TypeError),
+        (make_record(bytes_in=None), TypeError),
+        (make_record(total_ms="1"), (TypeError, struct.error)),  # struct's, in Python
+        (("too", "short"), IndexError),
+    ):
+        with pytest.raises(error):
+            rollups._aggregate_python([bad], {})
+        with pytest.raises(error):
+            aggregate([bad], {}, fields, "")
