@@ -453,14 +453,16 @@ static PyObject *aggregate(PyObject *module, PyObject *const *args, Py_ssize_t n
             last_route = route;
             last_consumer = consumer;
         }
-        long long counters[5];
+        /* Added as unsigned (two's complement, as int64 stores them): no overflow is
+         * undefined, and no minute counts 2**63 bytes. */
+        uint64_t counters[5];
         char *stored = PyByteArray_AS_STRING(PyTuple_GET_ITEM(minute, 0));
         memcpy(counters, stored, sizeof(counters));
         counters[0] += 1;
         counters[1] += klass == 4;
         counters[2] += klass == 5;
-        counters[3] += bytes_in;
-        counters[4] += bytes_out;
+        counters[3] += (uint64_t)bytes_in;
+        counters[4] += (uint64_t)bytes_out;
         memcpy(stored, counters, sizeof(counters));
         if (append_double(PyTuple_GET_ITEM(minute, 1), total) < 0 ||
             append_double(PyTuple_GET_ITEM(minute, 2), gateway) < 0 ||
