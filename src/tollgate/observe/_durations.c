@@ -333,6 +333,7 @@ static PyObject *aggregate(PyObject *module, PyObject *const *args, Py_ssize_t n
     PyObject *minutes = args[1];
     PyObject *empty = args[3];
     Py_ssize_t fields[F_COUNT];
+    Py_ssize_t needed = 0; /* fields a record must have: the highest index, and one */
     for (int f = 0; f < F_COUNT; f++) {
         fields[f] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[2], f));
         if (fields[f] < 0) {
@@ -340,6 +341,9 @@ static PyObject *aggregate(PyObject *module, PyObject *const *args, Py_ssize_t n
                 PyErr_SetString(PyExc_ValueError, "field indexes are >= 0");
             }
             return NULL;
+        }
+        if (fields[f] >= needed) {
+            needed = fields[f] + 1;
         }
     }
     PyObject *records = PySequence_Fast(args[0], "records must be a sequence");
@@ -360,11 +364,9 @@ static PyObject *aggregate(PyObject *module, PyObject *const *args, Py_ssize_t n
             PyErr_SetString(PyExc_TypeError, "a record is a tuple");
             goto done;
         }
-        for (int f = 0; f < F_COUNT; f++) {
-            if (fields[f] >= PyTuple_GET_SIZE(record)) {
-                PyErr_SetString(PyExc_IndexError, "a record has fewer fields than indexed");
-                goto done;
-            }
+        if (PyTuple_GET_SIZE(record) < needed) {
+            PyErr_SetString(PyExc_IndexError, "a record has fewer fields than indexed");
+            goto done;
         }
         double moment, total, gateway, upstream = 0.0;
         if (double_of(PyTuple_GET_ITEM(record, fields[F_TIME]), &moment) < 0) {
