@@ -20,7 +20,7 @@ its decisions are the pure algorithms' bit for bit. That holds because
 It comes in two forms, of one text: `SCRIPT` for ``EVALSHA``, and `LIBRARY`, a function
 library for ``FCALL`` (Redis 7 and later). A script makes every helper and constant again on
 every call; a library makes them once, when loaded, and a call runs only its own part: about
-2.0 µs less of Redis' CPU per call (10.2 against 12.2 µs for a sliding-window hit under
+1.9 µs less of Redis' CPU per call (10.1 against 12.0 µs for a sliding-window hit under
 ``redis-benchmark -P 32``).
 
 Call: ``EVALSHA sha <keys> key... op now cost [kind params...]...``, or the same with
@@ -160,15 +160,6 @@ local function retry_after(moment, admits)
   return seconds_until(moment)
 end
 
--- algorithms.SlidingWindowCounter's weighted previous window at `t`: what of the window that
--- started at `start - window` still counts.
-local function weighted(previous, start, t, window)
-  if previous == 0 then return 0 end
-  local elapsed = t - start
-  if elapsed <= 0 then return previous end
-  return previous * (window - elapsed) / window
-end
-
 -- Milliseconds a key lives from now: until `expires`, and the slack.
 local function ttl(expires)
   local ms = math.ceil((expires - now) * 1000)
@@ -252,8 +243,7 @@ local function decider(kind)
   return period(key, state, limit, current, period_end, later, packed, true)
   end end
 
--- algorithms.SlidingWindowCounter. An admission makes no closure of its own: most calls are
--- one.
+-- algorithms.SlidingWindowCounter. An admission makes no closure: most calls are one.
   if kind == 's' then return function(key, p)
   local limit, window = p[1], p[2]
   -- The window's length is stored too (an earlier version's value lacks it), as for fixed
@@ -273,7 +263,15 @@ local function decider(kind)
       previous = state[3]
     end
   end
-  local fading = weighted(previous, start, now, window)
+  local fading = 0
+  if previous ~= 0 then
+    local elapsed = now - start
+    if elapsed <= 0 then
+      fading = previous
+    else
+      fading = previous * (window - elapsed) / window
+    end
+  end
   local room = limit - current - cost
   if fading <= room then
     local decision = {true, limit, room - math.ceil(fading), start + 2 * window - now, 0, 0}
@@ -296,7 +294,16 @@ local function decider(kind)
     local function admits(t)
       local rolled = roll(t)
       if rolled == nil then return cost <= limit end
-      return weighted(rolled[2], rolled[1], t, window) <= limit - rolled[3] - cost
+      local faded = 0
+      if rolled[2] ~= 0 then
+        local elapsed = t - rolled[1]
+        if elapsed <= 0 then
+          faded = rolled[2]
+        else
+          faded = rolled[2] * (window - elapsed) / window
+        end
+      end
+      return faded <= limit - rolled[3] - cost
     end
     local moment
     if room >= 0 then
