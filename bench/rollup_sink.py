@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 from tollgate.observe.database import SqliteDatabase
-from tollgate.observe.records import COLUMNS, CallRecord
+from tollgate.observe.records import COLUMNS, CallRecord, RecordRow
 from tollgate.observe.rollups import RollupSink
 
 START = 1.7e9
 
 
-def records(count: int) -> list[CallRecord]:
+def records(count: int) -> list[RecordRow]:
     rng = random.Random(1)
     base = dict.fromkeys(COLUMNS)
     base.update(service="plain", route="json", consumer="bench", status=200, bytes_in=0)
@@ -38,7 +38,7 @@ def records(count: int) -> list[CallRecord]:
             gateway_ms=rng.lognormvariate(-2, 0.5),
             upstream_ms=rng.lognormvariate(0.3, 0.5),
         )
-        made.append(CallRecord(**values))
+        made.append(tuple(CallRecord(**values)))  # a plain tuple, as the listener makes it
     return made
 
 

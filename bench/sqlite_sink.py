@@ -17,20 +17,20 @@ import time
 from pathlib import Path
 
 from tollgate.observe.database import SqliteDatabase
-from tollgate.observe.records import COLUMN_KINDS, COLUMNS, CallRecord
+from tollgate.observe.records import COLUMN_KINDS, COLUMNS, RecordRow
 from tollgate.observe.sinks.sqlite import SqliteSink
 
 SAMPLE = {"time": 1.7e9, "text": "plain", "int": 200, "real": 1.25, "json": None}
 
 
-def records(count: int) -> list[CallRecord]:
+def records(count: int) -> list[RecordRow]:
     base = [SAMPLE[COLUMN_KINDS[name]] for name in COLUMNS]
     out = []
     for index in range(count):
         values = list(base)
         values[COLUMNS.index("time")] = 1.7e9 + index * 1e-4
         values[COLUMNS.index("request_id")] = f"{index:020x}"
-        out.append(CallRecord(*values))
+        out.append(tuple(values))  # a plain tuple, as the listener makes it
     return out
 
 

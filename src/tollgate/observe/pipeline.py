@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from tollgate.clock import SYSTEM_CLOCK, Clock
-from tollgate.observe.records import CallRecord
+from tollgate.observe.records import RecordRow
 from tollgate.observe.sinks import PermanentSinkError, Sink, SinkError
 
 __all__ = ["Backoff", "LogPipeline", "PipelineStats", "SinkStats"]
@@ -110,7 +110,7 @@ class _SinkSlot:
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        self.backlog: deque[CallRecord] = deque()
+        self.backlog: deque[RecordRow] = deque()
         self.retry_at = 0.0
         self.attempts = 0
         self.written = 0
@@ -148,7 +148,7 @@ class LogPipeline:
         self._backoff = backoff
         self._close_timeout = close_timeout
         self._clock = clock
-        self._queue: deque[CallRecord] = deque()
+        self._queue: deque[RecordRow] = deque()
         self._enqueued = 0
         self._dropped = 0
         self._open = True
@@ -158,7 +158,7 @@ class LogPipeline:
 
     # -- the event loop's side -------------------------------------------------------------
 
-    def put(self, record: CallRecord) -> bool:
+    def put(self, record: RecordRow) -> bool:
         """Queue a record; False (and one more `dropped`) when the queue is full or closed."""
         queue = self._queue
         if len(queue) >= self._capacity or not self._open:
@@ -255,7 +255,7 @@ class LogPipeline:
             for slot in self._slots:
                 self._deliver(slot, batch)
 
-    def _deliver(self, slot: _SinkSlot, batch: list[CallRecord]) -> None:
+    def _deliver(self, slot: _SinkSlot, batch: list[RecordRow]) -> None:
         if slot.backlog:  # failing: keep the order, wait for the retry
             slot.backlog.extend(batch)
             self._trim(slot)
@@ -267,7 +267,7 @@ class LogPipeline:
         else:
             slot.written += len(batch)
 
-    def _failed(self, slot: _SinkSlot, batch: Sequence[CallRecord], exc: Exception) -> None:
+    def _failed(self, slot: _SinkSlot, batch: Sequence[RecordRow], exc: Exception) -> None:
         slot.errors += 1
         if isinstance(exc, PermanentSinkError):
             slot.failed += len(batch)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Final
 
 from tollgate.observe.database import Database, PostgresDatabase, SqliteDatabase, open_database
 from tollgate.observe.pipeline import LogPipeline
-from tollgate.observe.records import CallRecord, exchange_record, from_exchange
+from tollgate.observe.records import RecordRow, exchange_record, from_exchange
 from tollgate.observe.redaction import (
     CapturePolicy,
     capture_body,
@@ -67,7 +67,7 @@ class CallRecorder:
 
     __slots__ = ("node", "put", "wall_offset", "worker")
 
-    def __init__(self, put: Callable[[CallRecord], bool], *, node: str, worker: int) -> None:
+    def __init__(self, put: Callable[[RecordRow], bool], *, node: str, worker: int) -> None:
         self.put = put
         self.node = node
         self.worker = worker
@@ -104,7 +104,7 @@ class CallRecorder:
         else:
             self.put(self.captured(ex, capture))
 
-    def captured(self, ex: Exchange, capture: CapturePolicy) -> CallRecord:
+    def captured(self, ex: Exchange, capture: CapturePolicy) -> RecordRow:
         """The record of `ex` with what its service's `logs` settings ask to keep."""
         query = None
         if capture.query and ex.query:
@@ -189,7 +189,7 @@ class DeferredSink(Sink):
     def sink(self) -> Sink | None:
         return self._sink
 
-    def write(self, batch: Sequence[CallRecord]) -> None:
+    def write(self, batch: Sequence[RecordRow]) -> None:
         sink = self._sink
         if sink is None:
             sink = self._sink = self._factory()

@@ -57,6 +57,20 @@ def test_every_field_round_trips(database: SqliteDatabase) -> None:
     assert list(read_records(database)) == [record, bare]
 
 
+def test_plain_rows_as_the_listener_makes_them_are_written_like_records(
+    database: SqliteDatabase,
+) -> None:
+    sink = SqliteSink(database)
+    named = make_record(7, policies={"rate-limit": "allowed"}, cost=0.5)
+    plain = tuple(make_record(8, request_headers=[["accept", "*/*"]]))
+    assert type(plain) is tuple
+    sink.write([plain, named])  # one block with both kinds
+    sink.close()
+    back = list(read_records(database))
+    assert back == [CallRecord._make(plain), named]
+    assert all(type(record) is CallRecord for record in back)
+
+
 def test_a_block_row_holds_what_searches_skip_blocks_by(database: SqliteDatabase) -> None:
     sink = SqliteSink(database)
     sink.write(

@@ -61,7 +61,7 @@ def test_columns_are_the_record_fields_in_order_with_a_kind_each() -> None:
 
 
 def test_from_exchange_fills_every_field_from_a_proxied_exchange() -> None:
-    record = from_exchange(
+    row = from_exchange(
         finished_exchange(),
         wall_offset=T0 - 100.0,
         node="node-a",
@@ -70,7 +70,9 @@ def test_from_exchange_fills_every_field_from_a_proxied_exchange() -> None:
         query="page=2",
         policies={"rate-limit": "allowed"},
     )
-    assert isinstance(record, CallRecord)
+    # A plain tuple, which orjson encodes natively (the SQLite sink's block), in COLUMNS order.
+    assert type(row) is tuple and len(row) == len(COLUMNS)
+    record = CallRecord._make(row)
     assert record.time == T0
     assert (record.request_id, record.trace_id, record.node, record.worker) == (
         "abc123",
@@ -104,7 +106,9 @@ def test_from_exchange_fills_every_field_from_a_proxied_exchange() -> None:
 
 
 def test_from_exchange_of_a_gateway_answer_has_no_upstream_latencies() -> None:
-    record = from_exchange(finished_exchange(upstream=False), wall_offset=0.0, node="n", worker=0)
+    record = CallRecord._make(
+        from_exchange(finished_exchange(upstream=False), wall_offset=0.0, node="n", worker=0)
+    )
     assert record.status == 429 and record.source == "gateway"
     assert record.error_type == "rate_limited"
     assert record.upstream_ms is None and record.upstream_connect_ms is None
@@ -115,7 +119,7 @@ def test_from_exchange_of_a_gateway_answer_has_no_upstream_latencies() -> None:
 def test_from_exchange_with_no_route_or_consumer_leaves_them_empty() -> None:
     ex = Exchange()
     ex.request_id = "x"
-    record = from_exchange(ex, wall_offset=T0, node="n", worker=0)
+    record = CallRecord._make(from_exchange(ex, wall_offset=T0, node="n", worker=0))
     assert (record.service, record.route, record.consumer, record.credential_id) == (
         None,
         None,

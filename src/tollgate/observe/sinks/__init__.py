@@ -20,7 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from tollgate.observe.records import CallRecord
+from tollgate.observe.records import RecordRow
 
 __all__ = ["PermanentSinkError", "Sink", "SinkError"]
 
@@ -43,7 +43,7 @@ class Sink(ABC):
     name = "sink"
 
     @abstractmethod
-    def write(self, batch: Sequence[CallRecord]) -> None:
+    def write(self, batch: Sequence[RecordRow]) -> None:
         """Store every record of `batch`, or raise."""
 
     def flush(self) -> None:  # noqa: B027 - a default that does nothing, not abstract

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from tollgate.observe.records import CallRecord, record_to_dict
+from tollgate.observe.records import RecordRow, record_to_dict
 from tollgate.observe.sinks import PermanentSinkError, Sink, SinkError
 
 __all__ = ["HttpSink"]
@@ -62,7 +62,7 @@ class HttpSink(Sink):
             self._connection = kind(self._host, self._port, timeout=self._timeout)
         return self._connection
 
-    def write(self, batch: Sequence[CallRecord]) -> None:
+    def write(self, batch: Sequence[RecordRow]) -> None:
         body = orjson.dumps([record_to_dict(record) for record in batch])
         try:
             connection = self._connect()

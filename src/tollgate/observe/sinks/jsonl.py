@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from tollgate.observe.records import CallRecord, record_to_json
+from tollgate.observe.records import RecordRow, record_to_json
 from tollgate.observe.sinks import Sink
 
 __all__ = ["JsonlSink"]
@@ -49,7 +49,7 @@ class JsonlSink(Sink):
     def _rotates(self) -> bool:
         return self.max_bytes > 0 and self.backup_count > 0
 
-    def write(self, batch: Sequence[CallRecord]) -> None:
+    def write(self, batch: Sequence[RecordRow]) -> None:
         pending: list[bytes] = []
         pending_size = 0
         for record in batch:

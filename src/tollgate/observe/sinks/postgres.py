@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from tollgate.observe.database import PostgresDatabase, migrate
-from tollgate.observe.records import COLUMN_KINDS, COLUMNS, JSON_COLUMNS, CallRecord
+from tollgate.observe.records import COLUMN_KINDS, COLUMNS, JSON_COLUMNS, TIME, RecordRow
 from tollgate.observe.sinks import Sink, SinkError
 
 __all__ = [
@@ -73,7 +73,6 @@ MIGRATIONS: Final = (
 )
 
 _COPY: Final = f"COPY {RECORDS_TABLE} ({', '.join(COLUMNS)}) FROM STDIN"
-_TIME_INDEX: Final = COLUMNS.index("time")
 
 
 def ensure_records_schema(database: PostgresDatabase, connection: psycopg.Connection[Any]) -> None:
@@ -88,9 +87,9 @@ def _day_of(seconds: float) -> date:
     return datetime.fromtimestamp(seconds, UTC).date()
 
 
-def _copy_row(record: CallRecord) -> list[Any]:
+def _copy_row(record: RecordRow) -> list[Any]:
     row: list[Any] = list(record)
-    row[_TIME_INDEX] = datetime.fromtimestamp(record.time, UTC)
+    row[TIME] = datetime.fromtimestamp(record[TIME], UTC)
     for index in JSON_COLUMNS:
         value = row[index]
         if value is not None:
@@ -127,10 +126,10 @@ class PostgresSink(Sink):
         with self._connection.cursor() as cursor:
             self._partitions = existing_partitions(cursor)
 
-    def write(self, batch: Sequence[CallRecord]) -> None:
+    def write(self, batch: Sequence[RecordRow]) -> None:
         if not self.database.usable(self._connection):
             self._connection = self.database.connect()
-        days = {_day_of(record.time) for record in batch}
+        days = {_day_of(record[TIME]) for record in batch}
         if not days <= self._partitions:
             self._create_partitions(days - self._partitions)
         try:
@@ -141,7 +140,7 @@ class PostgresSink(Sink):
                 self._partitions = existing_partitions(cursor)
             raise SinkError(f"no partition for a record's day: {exc}") from exc
 
-    def _copy(self, batch: Sequence[CallRecord]) -> None:
+    def _copy(self, batch: Sequence[RecordRow]) -> None:
         with (
             self._connection.transaction(),
             self._connection.cursor() as cursor,

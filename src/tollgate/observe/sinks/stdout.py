@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from tollgate.observe.records import CallRecord, record_to_json
+from tollgate.observe.records import RecordRow, record_to_json
 from tollgate.observe.sinks import Sink
 
 __all__ = ["StdoutSink"]
@@ -23,6 +23,6 @@ class StdoutSink(Sink):
     def __init__(self, stream: BinaryIO | None = None) -> None:
         self._stream = stream if stream is not None else sys.stdout.buffer
 
-    def write(self, batch: Sequence[CallRecord]) -> None:
+    def write(self, batch: Sequence[RecordRow]) -> None:
         self._stream.write(b"".join(record_to_json(record) + b"\n" for record in batch))
         self._stream.flush()
