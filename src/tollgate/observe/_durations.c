@@ -15,10 +15,13 @@
  * lists(): ([*counts, sum] of request, gateway, upstream), as Histogram.to_list gives them.
  *
  * bucket_counts(values, multiplier, floor): for the latency sketches of the rollups
- * (observe/sketch.py, LatencySketch.add_many): values is a buffer of doubles (an array('d')),
- * each finite and >= 0; returns ({bucket: count}, zeros), where a value above floor is in
- * bucket ceil(log(value) * multiplier), as the Python code computes it, and the others are
- * zeros. In Python that is about 0.35 us a value (three values a call); here a few ns.
+ * (observe/sketch.py, LatencySketch.add_many): values is a buffer of doubles (an array('d'));
+ * returns ({bucket: count}, zeros, sum, min, max), where a value above floor is in bucket
+ * ceil(log(value) * multiplier), as the Python code computes it, and the others are zeros;
+ * or None if a value is negative, NaN or infinite (the caller then adds them one at a time,
+ * which says which). In Python that is about 0.35 us a value (three values a call), and the
+ * builtins sum, min and max another 0.08 us, as each makes a float object per value; here a
+ * few ns.
  *
  * aggregate(records, minutes, fields, empty): the rollups' minute aggregates
  * (observe/rollups.py, RollupAggregator.add_batch, whose Python code is the reference and the
@@ -206,8 +209,20 @@ static PyObject *bucket_counts(PyObject *module, PyObject *const *args, Py_ssize
     }
     Py_ssize_t indexed = 0;
     long long low = 0, high = 0;
+    double total = 0.0, lowest = n > 0 ? values[0] : 0.0, highest = lowest;
     for (Py_ssize_t i = 0; i < n; i++) {
         double value = values[i];
+        if (!isfinite(value) || value < 0.0) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        total += value; /* in order, as Python 3.11's sum() of floats adds */
+        if (value < lowest) {
+            lowest = value;
+        }
+        if (value > highest) {
+            highest = value;
+        }
         if (value > floor_value) {
             long long index = (long long)ceil(log(value) * multiplier);
             if (indexed == 0 || index < low) {
@@ -268,7 +283,7 @@ static PyObject *bucket_counts(PyObject *module, PyObject *const *args, Py_ssize
             }
         }
     }
-    result = Py_BuildValue("(On)", counts, n - indexed);
+    result = Py_BuildValue("(Onddd)", counts, n - indexed, total, lowest, highest);
 done:
     Py_XDECREF(counts);
     PyMem_Free(indexes);

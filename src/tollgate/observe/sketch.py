@@ -160,21 +160,28 @@ class LatencySketch:
         """
         if not values:
             return
-        total = sum(values)
-        lowest = min(values)
-        if not (math.isfinite(total) and lowest >= 0.0):  # a NaN, an infinity or a negative
-            for value in values:
-                self.add(value)  # raises at the first bad one, as `add` would
-            return
         multiplier = self._multiplier
         floor = MIN_INDEXABLE_MS
         count = len(values)
         counts: Mapping[int, int]
+        counted_in_c = None
         if _bucket_counts is not None and isinstance(values, array) and values.typecode == "d":
-            counts, zeros = _bucket_counts(values, multiplier, floor)
+            counted_in_c = _bucket_counts(values, multiplier, floor)
+            valid = counted_in_c is not None
+        else:
+            total = sum(values)
+            lowest = min(values)
+            valid = math.isfinite(total) and lowest >= 0.0  # else a NaN, an infinity or a negative
+        if not valid:
+            for value in values:
+                self.add(value)  # raises at the first bad one, as `add` would
+            return
+        if counted_in_c is not None:
+            counts, zeros, total, lowest, highest = counted_in_c
         else:
             counted = Counter([ceil(log(value) * multiplier) for value in values if value > floor])
             counts, zeros = counted, count - counted.total()
+            highest = max(values)
         buckets = self._buckets
         for index in sorted(counts):
             if index in buckets:
@@ -186,7 +193,6 @@ class LatencySketch:
         self._sum += total
         if lowest < self._min:
             self._min = lowest
-        highest = max(values)
         if highest > self._max:
             self._max = highest
 

@@ -367,16 +367,27 @@ def test_the_c_bucket_counts_equal_the_python_ones_over_a_wide_range() -> None:
         in_python = LatencySketch()
         in_python.add_many(chosen)
         assert_same_sketch(in_c, in_python)
+    counts, zeros, total, lowest, highest = _durations.bucket_counts(
+        array("d", values), 100.0, MIN_INDEXABLE_MS
+    )
+    assert (total, lowest, highest) == (sum(values), min(values), max(values))
+    assert zeros + sum(counts.values()) == len(values)
+    assert _durations.bucket_counts(array("d", [1.0, math.nan]), 100.0, 0.0) is None
     with pytest.raises(TypeError, match="doubles"):
         _durations.bucket_counts(array("f", [1.0]), 1.0, 0.0)
 
 
-@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
-def test_add_many_rejects_what_add_rejects_and_keeps_what_came_before(value: float) -> None:
+@pytest.mark.parametrize("kind", [list, "array"])
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, -math.inf])
+def test_add_many_rejects_what_add_rejects_and_keeps_what_came_before(
+    value: float, kind: object
+) -> None:
     sketch = LatencySketch()
+    values = [1.0, 2.0, value, 3.0]
     with pytest.raises(ValueError, match="finite and non-negative"):
-        sketch.add_many([1.0, 2.0, value, 3.0])
+        sketch.add_many(array("d", values) if kind == "array" else values)
     assert sketch.count == 2  # added one at a time up to the bad one, as `add` would
+    assert (sketch.min, sketch.max, sketch.sum) == (1.0, 2.0, 3.0)
 
 
 @pytest.mark.parametrize("value", [-1.0, -0.001, math.nan, math.inf, -math.inf])
