@@ -36,6 +36,9 @@ HOT_PATH = [
     "src/tollgate/ratelimit/shm.py",
     "src/tollgate/ratelimit/store.py",
     "src/tollgate/routing/router.py",
+    "src/tollgate/runtime/context.py",
+    "src/tollgate/runtime/entries.py",
+    "src/tollgate/upstream/balancers.py",
 ]
 
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tollgate.http.responses import GatewayResponse
     from tollgate.observe.tracing import TraceContext
-    from tollgate.runtime.runtime import CompiledRoute, ConsumerEntry
+    from tollgate.runtime.context import ConsumerEntry
+    from tollgate.runtime.entries import CompiledRoute
 
 
 class Exchange:

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from tollgate.observe.recorder import CallRecorder
     from tollgate.observe.redaction import CapturePolicy
     from tollgate.observe.tracing import Tracing
-    from tollgate.runtime.runtime import CompiledRoute, TargetEntry
+    from tollgate.runtime.entries import CompiledRoute, TargetEntry
     from tollgate.runtime.worker import WorkerState
 
 _now: Final = time.monotonic

@@ -61,7 +61,8 @@ from tollgate.routing.router import Router, RouteSpec
 if TYPE_CHECKING:
     from tollgate.config.schema import TracingSettings
     from tollgate.http.exchange import Exchange
-    from tollgate.runtime.runtime import CompiledRoute, Runtime, TargetEntry
+    from tollgate.runtime.entries import CompiledRoute, TargetEntry
+    from tollgate.runtime.runtime import Runtime
 
 __all__ = [
     "DEFAULT_GRPC_ENDPOINT",

@@ -33,7 +33,8 @@ from tollgate.ratelimit.redis_store import RedisStore
 from tollgate.ratelimit.store import ProcessStore, Store
 from tollgate.routing.router import Router, RouteSpec
 from tollgate.runtime.context import CompileContext, ConsumerEntry, ConsumerIndex
-from tollgate.upstream.balancers import Balancer, create_balancer
+from tollgate.runtime.entries import CompiledRoute, TargetEntry, UpstreamGroup
+from tollgate.upstream.balancers import create_balancer
 
 __all__ = [
     "CompiledRoute",
@@ -43,58 +44,6 @@ __all__ = [
     "UpstreamGroup",
     "compile_config",
 ]
-
-
-@dataclass(slots=True)
-class TargetEntry:
-    url: str
-    scheme: str
-    host: str
-    port: int
-    host_header: bytes  # what `Host` carries upstream unless the route preserves the client's
-    weight: int
-    pool: Pool
-
-    def __repr__(self) -> str:
-        return f"TargetEntry({self.url}, weight={self.weight})"
-
-
-@dataclass(slots=True)
-class UpstreamGroup:
-    name: str
-    targets: tuple[TargetEntry, ...]
-    balancer: Balancer
-    hash_on: str
-    retries: int
-    needs_key: bool  # only consistent hashing looks at a per-request key
-
-    def __repr__(self) -> str:
-        return f"UpstreamGroup({self.name}, {len(self.targets)} targets, {self.balancer!r})"
-
-
-@dataclass(slots=True, eq=False)
-class CompiledRoute:
-    """Everything the request path needs for one route, computed once."""
-
-    name: str
-    service: str
-    upstream: UpstreamGroup
-    access: tuple[Callable[..., Any], ...]
-    upstream_response: tuple[Callable[..., Any], ...]
-    body: tuple[Callable[..., Any], ...]
-    log: tuple[Callable[..., Any], ...]
-    policies: tuple[Policy, ...]
-    drop_request_headers: frozenset[bytes]  # never forwarded (hop-by-hop, rewritten, credentials)
-    preserve_host: bool
-    service_path: bytes
-    max_body_size: int
-    request_id_header: bytes
-    echo_request_id: bool
-    # What the service's call records capture; None: nothing beyond the defaults.
-    capture: CapturePolicy | None = None
-
-    def __repr__(self) -> str:
-        return f"CompiledRoute({self.service}/{self.name} -> {self.upstream.name})"
 
 
 class PoolRegistry:

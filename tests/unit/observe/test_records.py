@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import math
 import timeit
-from types import SimpleNamespace
 
 import orjson
 from call_records import T0, make_record
 
+from tollgate.config.loader import parse_config_data
 from tollgate.http.exchange import Exchange
 from tollgate.observe.records import (
     COLUMN_KINDS,
@@ -22,6 +22,26 @@ from tollgate.observe.records import (
     record_to_json,
     status_class,
 )
+from tollgate.runtime.context import ConsumerEntry
+from tollgate.runtime.entries import CompiledRoute
+from tollgate.runtime.runtime import PoolRegistry, compile_config
+
+
+def _route() -> CompiledRoute:
+    config = parse_config_data(
+        {
+            "upstreams": [{"name": "backend", "targets": [{"url": "http://10.0.0.1:9001"}]}],
+            "services": [
+                {"name": "orders-api", "upstream": "backend", "routes": [{"name": "create-order"}]}
+            ],
+        }
+    )
+    [route] = compile_config(config, PoolRegistry()).routes
+    return route
+
+
+ROUTE = _route()
+ACME = ConsumerEntry(name="acme", id="acme", plan=None, tags=(), upstream_headers=())
 
 
 def finished_exchange(*, upstream: bool = True) -> Exchange:
@@ -31,8 +51,8 @@ def finished_exchange(*, upstream: bool = True) -> Exchange:
     ex.host = "api.example.com"
     ex.client_ip = "10.1.2.3"
     ex.request_id = "abc123"
-    ex.route = SimpleNamespace(service="orders-api", name="create-order")  # type: ignore[assignment]
-    ex.consumer = SimpleNamespace(name="acme")  # type: ignore[assignment]
+    ex.route = ROUTE
+    ex.consumer = ACME
     ex.credential_id = "key-7"
     ex.status = 201 if upstream else 429
     ex.source = "upstream" if upstream else "gateway"
