@@ -147,7 +147,7 @@ JSON_COLUMNS: tuple[int, ...] = tuple(
     index for index, name in enumerate(COLUMNS) if COLUMN_KINDS[name] == "json"
 )
 # Where `time` is in a row.
-TIME: int = 0
+TIME: int = COLUMNS.index("time")
 
 
 def from_exchange(
