@@ -25,6 +25,7 @@ from tollgate.observe.recorder import jsonl_path
 from tollgate.runtime.worker import Gateway
 
 GatewayStarter = Callable[[dict[str, Any]], Awaitable[Gateway]]
+DRAIN_GRACE = 10.0  # seconds; far more than any call of the mixed load takes
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -72,7 +73,12 @@ async def test_a_mixed_load_in_process_makes_one_record_per_call(
     try:
         calls = await drive(gateway.port, plan, connections=4)
     finally:
-        await gateway.close()
+        # A mid_response client is done once it closed, but the gateway learns of that only
+        # when a write to it fails (the stream's second line after it left, ~0.2 s later):
+        # close() at once would cut those exchanges short as gateway_shutdown. A drain waits
+        # until every connection has ended (the stream itself ends within 0.5 s).
+        drained = await gateway.drain(DRAIN_GRACE)
+    assert drained, "the drain timed out: calls still in flight were cut short"
     assert gateway.logs is not None
     stats = gateway.logs.pipeline.stats()
     assert (stats.enqueued, stats.dropped, stats.failed) == (len(calls), 0, 0)
