@@ -19,10 +19,12 @@ from tollgate.config.schema import (
     Config,
     ListenerLimits,
     PolicyEntryBase,
+    PoolSettings,
     Route,
     Service,
     ServiceLogs,
     Upstream,
+    UpstreamTimeouts,
 )
 from tollgate.errors import ConfigError, ConfigProblem
 from tollgate.http.headers import REQUEST_DROP
@@ -40,22 +42,55 @@ __all__ = [
     "CompiledRoute",
     "ConsumerEntry",
     "PoolRegistry",
+    "PoolStage",
     "Runtime",
     "UpstreamGroup",
     "compile_config",
 ]
 
 
+PoolKey = tuple[Any, ...]
+
+
 class PoolRegistry:
     """Per-worker connection pools, one per (upstream, target), kept across reloads.
 
     Keyed by the upstream's name too, so two upstreams with the same target keep their own
-    limits and timeouts. After a reload, `prune` closes the pools the new runtime no longer uses
-    (their in-flight exchanges finish; idle connections close at once)."""
+    limits and timeouts. A runtime is compiled against a `PoolStage` of the registry; when it
+    is committed, the pools the new runtime no longer uses close (their in-flight exchanges
+    finish; idle connections close at once)."""
 
     def __init__(self) -> None:
-        self.pools: dict[tuple[Any, ...], Pool] = {}
-        self.used: set[tuple[Any, ...]] = set()
+        self.pools: dict[PoolKey, Pool] = {}
+
+    def stage(self) -> PoolStage:
+        """Start compiling a runtime: what it uses is applied only by `PoolStage.commit`."""
+        return PoolStage(self)
+
+    def sweep(self, now: float) -> None:
+        for pool in self.pools.values():
+            pool.sweep(now)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+    def __repr__(self) -> str:
+        return f"PoolRegistry({len(self.pools)} pools)"
+
+
+class PoolStage:
+    """The pools one runtime being compiled uses, kept apart from the registry until commit.
+
+    Pools the registry already has are shared, but their new limits and timeouts wait for the
+    commit: the runtime serving meanwhile keeps its own. Pools made here join the registry at
+    commit, or are closed by `discard` (a reload that was aborted)."""
+
+    def __init__(self, registry: PoolRegistry) -> None:
+        self.registry = registry
+        self.used: set[PoolKey] = set()
+        self.made: dict[PoolKey, Pool] = {}
+        self.settings: dict[PoolKey, tuple[PoolSettings, UpstreamTimeouts, float]] = {}
 
     def get(self, upstream: Upstream, scheme: str, host: str, port: int) -> Pool:
         key = (
@@ -68,7 +103,7 @@ class PoolRegistry:
             upstream.sni,
         )
         self.used.add(key)
-        pool = self.pools.get(key)
+        pool = self.made.get(key) or self.registry.pools.get(key)
         if pool is None:
             ssl_context = None
             if scheme == "https":
@@ -85,30 +120,34 @@ class PoolRegistry:
                 timeouts=upstream.timeouts,
                 dns_ttl=upstream.dns_ttl,
             )
-            self.pools[key] = pool
-        else:
-            pool.configure(upstream.pool, upstream.timeouts, upstream.dns_ttl)
+            self.made[key] = pool
+        elif key not in self.made:
+            self.settings[key] = (upstream.pool, upstream.timeouts, upstream.dns_ttl)
         return pool
 
-    def begin(self) -> None:
-        """Start compiling a runtime: track which pools it uses."""
-        self.used = set()
+    def commit(self) -> None:
+        """Apply the staged limits and timeouts, add the new pools, close the unused ones."""
+        registry = self.registry
+        for key, (settings, timeouts, dns_ttl) in self.settings.items():
+            pool = registry.pools.get(key)
+            if pool is not None:
+                pool.configure(settings, timeouts, dns_ttl)
+        registry.pools.update(self.made)
+        self.made = {}
+        for key in [k for k in registry.pools if k not in self.used]:
+            registry.pools.pop(key).close_idle()
 
-    def prune(self) -> None:
-        """Close and drop the pools the last compiled runtime does not use."""
-        for key in [k for k in self.pools if k not in self.used]:
-            self.pools.pop(key).close_idle()
-
-    def sweep(self, now: float) -> None:
-        for pool in self.pools.values():
-            pool.sweep(now)
-
-    def close(self) -> None:
-        for pool in self.pools.values():
+    def discard(self) -> None:
+        """Close the pools made for a runtime that will not serve; the registry is unchanged."""
+        for pool in self.made.values():
             pool.close()
+        self.made = {}
 
     def __repr__(self) -> str:
-        return f"PoolRegistry({len(self.pools)} pools)"
+        return (
+            f"PoolStage({len(self.used)} used, {len(self.made)} new, "
+            f"{len(self.settings)} reconfigured)"
+        )
 
 
 @dataclass(slots=True)
@@ -125,7 +164,7 @@ class Runtime:
         return f"Runtime(version={self.version}, {len(self.routes)} routes)"
 
 
-def _upstream_group(upstream: Upstream, pools: PoolRegistry, clock: Clock) -> UpstreamGroup:
+def _upstream_group(upstream: Upstream, pools: PoolStage, clock: Clock) -> UpstreamGroup:
     targets = []
     for target in upstream.targets:
         parts = urlsplit(target.url)
@@ -293,7 +332,7 @@ def check_compiles(config: Config, source: str) -> None:
 
 def compile_config(
     config: Config,
-    pools: PoolRegistry,
+    pools: PoolRegistry | PoolStage,
     *,
     version: int = 1,
     clock: Clock = SYSTEM_CLOCK,
@@ -303,10 +342,30 @@ def compile_config(
     """Build a Runtime. Raises ValueError (with the route named) for what validation could not
     catch, such as a route the router cannot compile; the caller keeps the old runtime then.
 
-    `shared_store` gives the node's store to policies that count node-wide (`store: local`);
-    without it such a policy fails to compile."""
+    Given a `PoolStage`, the pools wait for its commit (or discard); given the registry, they
+    are committed when the runtime is built. `shared_store` gives the node's store to policies
+    that count node-wide (`store: local`); without it such a policy fails to compile."""
+    if isinstance(pools, PoolStage):
+        return _compile(config, pools, version, clock, shared_store, redis_store)
+    stage = pools.stage()
+    try:
+        runtime = _compile(config, stage, version, clock, shared_store, redis_store)
+    except BaseException:
+        stage.discard()
+        raise
+    stage.commit()
+    return runtime
+
+
+def _compile(
+    config: Config,
+    pools: PoolStage,
+    version: int,
+    clock: Clock,
+    shared_store: Callable[[], Store] | None,
+    redis_store: Callable[[], RedisStore] | None,
+) -> Runtime:
     consumers = ConsumerIndex.build(config.consumers)
-    pools.begin()
     groups = {u.name: _upstream_group(u, pools, clock) for u in config.upstreams}
     specs: list[RouteSpec] = []
     routes: list[CompiledRoute] = []

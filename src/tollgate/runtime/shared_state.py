@@ -104,6 +104,11 @@ class SharedState:
             self._store = store
         return store
 
+    @property
+    def opened(self) -> bool:
+        """Whether the store is open: something asked for it since it was made or closed."""
+        return self._store is not None
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()

@@ -18,6 +18,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -29,7 +30,7 @@ from tollgate.http.server import ClientConnection
 from tollgate.observe.metrics import WorkerMetrics
 from tollgate.observe.recorder import CallRecorder, WorkerLogs
 from tollgate.ratelimit.redis_store import RedisStore
-from tollgate.runtime.runtime import PoolRegistry, Runtime, compile_config
+from tollgate.runtime.runtime import PoolRegistry, PoolStage, Runtime, compile_config
 from tollgate.runtime.shared_state import SharedState
 
 if TYPE_CHECKING:
@@ -114,13 +115,39 @@ def listen_socket(listen: str, *, reuse_port: bool) -> socket.socket:
 
 
 def _tls_context(config: Config) -> ssl.SSLContext | None:
+    """The listener's TLS context with `gateway.tls`' certificate; ValueError naming the files
+    if they cannot be loaded."""
     tls = config.gateway.tls
     if tls is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.cert, tls.key)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except OSError as exc:  # ssl.SSLError too: not PEM, or a key that does not match
+        reason = exc.strerror or str(exc)
+        raise ValueError(
+            f"gateway.tls: cannot load the certificate {tls.cert} with the key {tls.key}: {reason}"
+        ) from None
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+RedisSettings = tuple[str, float, int]
+
+
+@dataclass(slots=True)
+class PreparedRuntime:
+    """A runtime compiled for a reload that does not serve yet: `Gateway.commit` swaps it in,
+    `Gateway.discard` closes what its compilation opened."""
+
+    runtime: Runtime
+    pools: PoolStage  # its pools: the new ones, and the new settings of the shared ones
+    tls: ssl.SSLContext | None  # its certificate, loaded anew (None without `gateway.tls`)
+    redis: tuple[RedisSettings, ...]  # the Redis stores made for it (settings not in use)
+    opened_shared_state: bool  # it opened the node's store, which nothing had needed before
+
+    def __repr__(self) -> str:
+        return f"PreparedRuntime({self.runtime!r}, {self.pools!r}, tls={self.tls is not None})"
 
 
 def policy_counts(runtime: Runtime) -> dict[str, dict[str, int]]:
@@ -165,12 +192,14 @@ class Gateway:
         )
         # This worker's connections to the cluster's Redis, by settings: kept across reloads
         # (counters live in Redis; a reload must not drop the connections).
-        self._redis: dict[tuple[str, float, int], RedisStore] = {}
+        self._redis: dict[RedisSettings, RedisStore] = {}
         # Rate-limit counts of limiters replaced by reloads, by policy: metrics never go back.
         self._policy_base: dict[str, dict[str, int]] = {}
-        runtime = self._compile(config, self.version)
+        runtime = self._compile(config, self.pools, self.version)
         self.state = WorkerState(runtime, self.pools)
         self.server: asyncio.Server | None = None
+        # The context new TLS handshakes use (made in start(); a reload may replace it).
+        self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._sweep_every = _sweep_interval(config)
         # Call records: made in start(), in the serving process (the writer is a thread).
@@ -193,6 +222,11 @@ class Gateway:
         if sock is None:
             sock = listen_socket(config.gateway.listen, reuse_port=reuse_port)
         tls = _tls_context(config)
+        if tls is not None:
+            # Each handshake is handed the current context: after a reload that changed the
+            # certificate, new connections get the new one (those open keep theirs).
+            tls.sni_callback = self._use_current_tls
+        self._tls = tls
         scheme = b"https" if tls is not None else b"http"
         loop = asyncio.get_running_loop()
         if config.logs.enabled and self.logs is None:
@@ -223,20 +257,76 @@ class Gateway:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    def reload(self, config: Config) -> Runtime:
-        """Compile and swap. On error the exception propagates and the old runtime stays."""
-        runtime = self._compile(config, self.version + 1)
-        self.version += 1
+    def _use_current_tls(
+        self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        current = self._tls
+        if current is not None and current is not context:
+            connection.context = current
+
+    def reload(self, config: Config, version: int | None = None) -> Runtime:
+        """Prepare and commit at once. On error the exception propagates and the old runtime
+        stays."""
+        return self.commit(self.prepare(config, version))
+
+    def prepare(self, config: Config, version: int | None = None) -> PreparedRuntime:
+        """Compile `config` (as `version`, by default the next) and load its certificate, without
+        serving either: the serving runtime and its pools are untouched until `commit`.
+
+        Raises ValueError (a route that does not compile, a certificate that does not load)
+        having closed whatever the attempt opened."""
+        stage = self.pools.stage()
+        redis_before = set(self._redis)
+        shared_state_was_open = self.shared_state.opened
+        try:
+            tls = _tls_context(config)  # checked even when TLS is not served (a restart would)
+            runtime = self._compile(config, stage, self.version + 1 if version is None else version)
+        except BaseException:
+            self._release(stage, *self._opened_since(redis_before, shared_state_was_open))
+            raise
+        redis, opened_shared_state = self._opened_since(redis_before, shared_state_was_open)
+        return PreparedRuntime(runtime, stage, tls, redis, opened_shared_state)
+
+    def commit(self, prepared: PreparedRuntime) -> Runtime:
+        """Swap the prepared runtime in: requests that begin from now on use it."""
+        runtime = prepared.runtime
         # The old limiters' counts join the base: counters survive the swap.
         for policy, counts in policy_counts(self.state.runtime).items():
             base = self._policy_base.setdefault(policy, {})
             for name, value in counts.items():
                 base[name] = base.get(name, 0) + value
+        self.version = runtime.version
         self.state.runtime = runtime
-        self.state.metrics.consumer_labels = config.metrics.consumer_labels
-        self.pools.prune()  # targets gone from the config: their idle connections close now
-        self._sweep_every = _sweep_interval(config)
+        self.state.metrics.consumer_labels = runtime.config.metrics.consumer_labels
+        prepared.pools.commit()  # targets gone from the config: their idle connections close now
+        self._sweep_every = _sweep_interval(runtime.config)
+        if prepared.tls is not None and self._tls is not None:
+            # New handshakes get the new certificate. Turning TLS on or off would change the
+            # listener itself: that takes a restart.
+            self._tls = prepared.tls
         return runtime
+
+    def discard(self, prepared: PreparedRuntime) -> None:
+        """Drop a prepared runtime that will not serve, closing what only it had opened."""
+        self._release(prepared.pools, prepared.redis, prepared.opened_shared_state)
+
+    def _opened_since(
+        self, redis_before: set[RedisSettings], shared_state_was_open: bool
+    ) -> tuple[tuple[RedisSettings, ...], bool]:
+        """What a compilation opened: the Redis stores it made, whether it opened the node's."""
+        made = tuple(settings for settings in self._redis if settings not in redis_before)
+        return made, not shared_state_was_open and self.shared_state.opened
+
+    def _release(
+        self, stage: PoolStage, redis: tuple[RedisSettings, ...], shared_state: bool
+    ) -> None:
+        stage.discard()
+        for settings in redis:
+            # Made by the compilation and never called (a store connects on its first call):
+            # there is no connection to close.
+            self._redis.pop(settings, None)
+        if shared_state:
+            self.shared_state.close()
 
     def report(self) -> dict[str, Any]:
         """This worker's metrics, for the supervisor to sum (`tollgate.observe.metrics`)."""
@@ -260,10 +350,10 @@ class Gateway:
         report["policies"] = policies
         return report
 
-    def _compile(self, config: Config, version: int) -> Runtime:
+    def _compile(self, config: Config, pools: PoolRegistry | PoolStage, version: int) -> Runtime:
         return compile_config(
             config,
-            self.pools,
+            pools,
             version=version,
             clock=self.clock,
             shared_store=self.shared_state.store,
@@ -373,6 +463,109 @@ def encode_message(message: dict[str, Any]) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+class WorkerControl:
+    """A worker's side of the control socket once it serves: the phases of a reload, metrics
+    and stop, one message at a time, each answered (but `abort` and `stop`) with its `id`.
+
+    A reload comes in two phases. `prepare` compiles the new config without serving it and
+    answers `prepared` or `prepare_failed`; `commit` then swaps it in (`committed`), or `abort`
+    drops it. A prepared config not committed within the `hold` seconds the supervisor gave is
+    dropped, and a late commit fails (`commit_failed`): the supervisor then restarts the worker.
+    """
+
+    def __init__(self, gateway: Gateway, stop: asyncio.Event) -> None:
+        self.gateway = gateway
+        self.stop = stop  # set by a `stop` message, or when the supervisor is gone
+        # The prepared reload waiting for its commit, by its id, and the timer that drops it.
+        self.prepared: tuple[int, PreparedRuntime] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+
+    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Until the supervisor says stop or goes away (metrics are still answered in a drain)."""
+        while True:
+            message = await read_message(reader)
+            if message is None:
+                self.stop.set()  # the supervisor is gone: do not linger as an orphan
+                return
+            reply = self.handle(message)
+            if reply is not None:
+                writer.write(encode_message(reply))
+                await writer.drain()
+            if message.get("type") == "stop":
+                return
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Act on one message from the supervisor; the answer to send, if any."""
+        kind = message.get("type")
+        if kind == "prepare":
+            reply = self._prepare(message)
+        elif kind == "commit":
+            reply = self._commit(int(message["reload"]))
+        elif kind == "abort":
+            self.drop(int(message["reload"]))
+            return None
+        elif kind == "metrics":
+            reply = {"type": "metrics", "metrics": self.gateway.report()}
+        elif kind == "stop":
+            self.stop.set()
+            return None
+        else:
+            log.warning("unknown control message %r", kind)
+            return None
+        reply["id"] = message.get("id")
+        return reply
+
+    def _prepare(self, message: dict[str, Any]) -> dict[str, Any]:
+        from tollgate.config.loader import parse_config_data
+
+        self.drop()  # reloads come one at a time: an earlier one still held will not commit
+        try:
+            config = parse_config_data(message["config"], message.get("source", "<config>"))
+            prepared = self.gateway.prepare(config, int(message["version"]))
+        except Exception as exc:
+            return {"type": "prepare_failed", "error": str(exc)}
+        reload = int(message["id"])
+        self.prepared = (reload, prepared)
+        hold = float(message["hold"])
+        self._expiry = asyncio.get_running_loop().call_later(hold, self._expire, reload, hold)
+        return {"type": "prepared", "version": prepared.runtime.version}
+
+    def _commit(self, reload: int) -> dict[str, Any]:
+        held = self.prepared
+        if held is None or held[0] != reload:
+            return {"type": "commit_failed", "error": "nothing prepared for this reload"}
+        self._forget()
+        runtime = self.gateway.commit(held[1])
+        return {"type": "committed", "version": runtime.version}
+
+    def _expire(self, reload: int, hold: float) -> None:
+        held = self.prepared
+        if held is not None and held[0] == reload:
+            log.warning(
+                "config version %d was prepared but not committed within %.0fs: dropped",
+                held[1].runtime.version,
+                hold,
+            )
+            self.drop(reload)
+
+    def drop(self, reload: int | None = None) -> None:
+        """Discard the prepared reload (only if it is `reload`, when given)."""
+        held = self.prepared
+        if held is not None and (reload is None or held[0] == reload):
+            self._forget()
+            self.gateway.discard(held[1])
+
+    def _forget(self) -> None:
+        self.prepared = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def __repr__(self) -> str:
+        held = self.prepared
+        return f"WorkerControl({self.gateway!r}, prepared={held[1] if held else None!r})"
+
+
 async def _worker_main(control_fd: int) -> int:
     from tollgate.config.loader import parse_config_data
 
@@ -399,15 +592,12 @@ async def _worker_main(control_fd: int) -> int:
     gateway.version = int(first.get("version", 1))
     try:
         await gateway.start(reuse_port=True)
-    except OSError as exc:
-        writer.write(
-            encode_message(
-                {
-                    "type": "failed",
-                    "error": f"cannot listen on {config.gateway.listen}: {exc.strerror or exc}",
-                }
-            )
-        )
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError):
+            error = f"cannot listen on {config.gateway.listen}: {exc.strerror or exc}"
+        else:  # the certificate
+            error = str(exc)
+        writer.write(encode_message({"type": "failed", "error": error}))
         await writer.drain()
         return 4
     writer.write(encode_message({"type": "ready", "pid": os.getpid()}))
@@ -418,35 +608,13 @@ async def _worker_main(control_fd: int) -> int:
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come from the supervisor
 
-    async def control_loop() -> None:
-        while True:
-            message = await read_message(reader)
-            if message is None:
-                stop.set()  # the supervisor is gone: do not linger as an orphan
-                return
-            if message.get("type") == "reload":
-                try:
-                    new = parse_config_data(message["config"], message.get("source", "<config>"))
-                    gateway.version = int(message["version"]) - 1
-                    gateway.reload(new)
-                    reply = {"type": "reloaded", "version": gateway.version}
-                except Exception as exc:
-                    reply = {"type": "reload_failed", "error": str(exc)}
-                writer.write(encode_message(reply))
-                await writer.drain()
-            elif message.get("type") == "metrics":
-                report = {"type": "metrics", "id": message.get("id"), "metrics": gateway.report()}
-                writer.write(encode_message(report))
-                await writer.drain()
-            elif message.get("type") == "stop":
-                stop.set()
-                return
-
-    control_task = loop.create_task(control_loop())
+    control_loop = WorkerControl(gateway, stop)
+    control_task = loop.create_task(control_loop.run(reader, writer))
     await stop.wait()
     grace = gateway.runtime.config.gateway.drain_timeout
     finished = await gateway.drain(grace)
     control_task.cancel()
+    control_loop.drop()  # a reload prepared and never committed: its pools close too
     if not finished:
         log.warning("drain timed out after %.1fs; open connections were closed", grace)
     return 0
