@@ -1,14 +1,15 @@
 """The supervisor in-process with real worker processes: reloads that are one version for the
-whole node.
+whole node, and restarts that never miss one.
 
-Workers are stopped (SIGSTOP) at chosen moments; the supervisor's deadlines are shortened
-where a test waits one out.
+Workers are stopped (SIGSTOP) or killed at chosen moments to put a reload and a restart in a
+known order; the supervisor's deadlines are shortened where a test waits one out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -172,4 +173,47 @@ async def test_workers_that_dropped_a_prepared_config_before_its_commit_are_rest
     assert await supervisor.reload() == 2
     await wait_until(all_restarted(supervisor, pids), "both workers to be replaced")
     assert supervisor.restarts == WORKERS
+    await assert_every_worker_serves(port, 1, previous=0)
+
+
+# -- restarts and reloads --------------------------------------------------------------------
+
+
+async def test_a_worker_restarted_during_a_reload_starts_on_the_version_it_committed(
+    upstream: RecordingUpstream,
+    start_supervisor: StartSupervisor,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="tollgate.supervisor")
+    port = free_port()
+    supervisor = await start_supervisor(versioned(upstream, port, 0))
+    restarted, late = supervisor.workers
+    restarted_pid, late_pid = restarted.pid, late.pid
+    assert restarted_pid is not None and late_pid is not None
+    write_config(Path(supervisor.config_path), versioned(upstream, port, 1))
+
+    # Worker 1 is stopped, so the reload waits for it while worker 0 has prepared; then worker
+    # 0 dies. Its restart begins while the reload is in flight: it must not start on the config
+    # that was live when it died, nor miss the reload.
+    os.kill(late_pid, signal.SIGSTOP)
+    try:
+        reload = asyncio.create_task(supervisor.reload())
+        await wait_until(
+            lambda: "worker 0 prepared config version 2" in caplog.text, "worker 0 to prepare"
+        )
+        process = restarted.process
+        os.kill(restarted_pid, signal.SIGKILL)
+
+        def restart_begun() -> bool:
+            waiting = "worker 0 restarts when the reload in flight ends" in caplog.text
+            return waiting or restarted.process is not process
+
+        await wait_until(restart_begun, "worker 0's restart to begin")
+    finally:
+        os.kill(late_pid, signal.SIGCONT)
+    assert await reload == 2
+
+    await wait_until(all_restarted(supervisor, {restarted_pid}), "worker 0 to be restarted")
+    assert supervisor.restarts == 1
+    assert late.pid == late_pid
     await assert_every_worker_serves(port, 1, previous=0)

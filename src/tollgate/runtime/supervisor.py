@@ -6,7 +6,8 @@ private control socket. Workers are fresh interpreters (not forks of a process t
 event loop), each binding the data-plane port with SO_REUSEPORT.
 
 A reload is one version for the whole node: every worker prepares it, and only if all did is
-it committed, else aborted everywhere.
+it committed, else aborted everywhere. Restarts take the reload lock too, so a worker always
+starts on the newest committed version.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ class Supervisor:
         self.reloads = 0
         self._stopped = asyncio.Event()
         self.started = asyncio.Event()  # set once every worker and the admin API are up
+        # Held by a reload and by a worker's (re)start: never one during the other.
         self._reload_lock = asyncio.Lock()
         self._signals: list[int] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -270,6 +272,8 @@ class Supervisor:
         return asked
 
     async def _spawn(self, handle: WorkerHandle) -> None:
+        """Start the slot's worker on the current config. Called with the reload lock held
+        (but at start-up, before any reload can come)."""
         handle.ready = False
         parent, child = socket.socketpair()
         try:
@@ -328,17 +332,22 @@ class Supervisor:
             handle.last_metrics = None
         delay = 0.0 if lived > CRASH_LOOP_WINDOW else min(RESTART_BACKOFF_MAX, 0.5 * self.restarts)
         await asyncio.sleep(delay)
-        if self.stopping:
-            return
-        try:
-            await self._spawn(handle)
-            log.info("worker %d restarted as pid %s", handle.slot, handle.pid)
-        except Exception as exc:
-            log.error("restarting worker %d failed: %s", handle.slot, exc)
-            # Watch the process the attempt left (killed, or the old one if none started):
-            # watching `process` would see a different handle.process and never try again.
-            assert handle.process is not None
-            self._track(self._watch(handle, handle.process))  # try again after the backoff
+        # A reload in flight ends first: the new worker starts on the newest committed config,
+        # and no reload runs while it starts (it would not be asked, or be asked too early).
+        if self._reload_lock.locked():
+            log.info("worker %d restarts when the reload in flight ends", handle.slot)
+        async with self._reload_lock:
+            if self.stopping:
+                return
+            try:
+                await self._spawn(handle)
+                log.info("worker %d restarted as pid %s", handle.slot, handle.pid)
+            except Exception as exc:
+                log.error("restarting worker %d failed: %s", handle.slot, exc)
+                # Watch the process the attempt left (killed, or the old one if none started):
+                # watching `process` would see a different handle.process and never try again.
+                assert handle.process is not None
+                self._track(self._watch(handle, handle.process))  # try again after the backoff
 
     def _track(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -370,7 +379,8 @@ class Supervisor:
                 "source": self.config_path,
                 "hold": PREPARED_HOLD,
             }
-            # A worker that is not serving now (it died, its restart is pending) is not asked.
+            # A worker that is not serving now (it died and waits for this lock to restart)
+            # is not asked: it starts on whichever version this reload leaves committed.
             asked = self._ask(prepare)
             for handle, future in asked:
                 future.add_done_callback(functools.partial(_log_prepared, handle.slot, version))
@@ -415,7 +425,8 @@ class Supervisor:
 
     def _replace_uncommitted(self, handle: WorkerHandle, reply: dict[str, Any]) -> None:
         """A worker that prepared the committed version but did not swap it in (its hold ran
-        out, or it hangs) would serve the previous one: replace it."""
+        out, or it hangs) would serve the previous one: replace it. Its restart waits for the
+        reload lock, so it starts on the committed version."""
         process = handle.process
         if reply["type"] == "gone" or process is None or process.returncode is not None:
             log.warning(
