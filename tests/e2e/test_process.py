@@ -410,6 +410,25 @@ async def test_serve_with_an_invalid_config_exits_non_zero_with_located_problems
     assert re.search(rf"^tollgate\.yaml:{line}: .*wrokers", output, re.MULTILINE), output
 
 
+async def test_a_second_serve_on_the_same_address_exits_non_zero_and_the_first_serves_on(
+    upstream: Upstream, start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    config = upstream.config(workers=2)
+    first = await start_gateway(config)
+    workers = await first.worker_pids()
+    # Its own admin port: only the data plane's address is shared.
+    port = int(first.listen.rpartition(":")[2])
+    (tmp_path / "second").mkdir()
+    second = await start_gateway(
+        upstream.config(workers=2, listen_port=port), cwd=tmp_path / "second", wait=False
+    )
+    assert await second.wait_exit() == 2
+    assert f"cannot listen on {first.listen}: address already in use" in second.stderr()
+    # Every new connection still reaches one of the first gateway's two workers, unchanged.
+    assert len(await _prefixes_over_new_connections(first.url("/echo"), 40)) == 2
+    assert await first.worker_pids() == workers
+
+
 @pytest.mark.parametrize("section", ["gateway", "admin"])
 async def test_serve_on_an_address_in_use_exits_non_zero_naming_it(
     section: str, upstream: Upstream, start_gateway: StartGateway

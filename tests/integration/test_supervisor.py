@@ -1,5 +1,5 @@
 """The supervisor in-process with real worker processes: reloads that are one version for the
-whole node, and restarts that never miss one.
+whole node, restarts that never miss one, and a port another gateway listens on.
 
 Workers are stopped (SIGSTOP) or killed at chosen moments to put a reload and a restart in a
 known order; the supervisor's deadlines are shortened where a test waits one out.
@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from waiting import wait_until
 
 from tollgate.config.loader import read_config
 from tollgate.runtime import supervisor as supervisor_module
-from tollgate.runtime.supervisor import ReloadFailed, Supervisor
+from tollgate.runtime.supervisor import EXIT_CANNOT_START, ReloadFailed, Supervisor
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -217,3 +218,30 @@ async def test_a_worker_restarted_during_a_reload_starts_on_the_version_it_commi
     assert supervisor.restarts == 1
     assert late.pid == late_pid
     await assert_every_worker_serves(port, 1, previous=0)
+
+
+# -- the port --------------------------------------------------------------------------------
+
+
+async def test_a_port_another_gateway_listens_on_is_refused_before_any_worker_starts(
+    upstream: RecordingUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    # What another gateway's worker holds: a listening socket with SO_REUSEPORT, which a
+    # worker of this one would join without a word.
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        path = tmp_path / "tollgate.yaml"
+        write_config(path, versioned(upstream, port, 0))
+        config, data = read_config(str(path))
+        supervisor = Supervisor(str(path), config, data, "human", "warning")
+
+        assert await asyncio.wait_for(supervisor.run(), START_TIMEOUT) == EXIT_CANNOT_START
+        assert f"cannot listen on 127.0.0.1:{port}: address already in use" in caplog.text
+        assert supervisor.workers == []
+        # The other gateway's socket still takes connections.
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            accepted, _ = other.accept()
+            accepted.close()

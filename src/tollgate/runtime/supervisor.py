@@ -29,7 +29,7 @@ from tollgate.config.schema import Config
 from tollgate.errors import ConfigError
 from tollgate.runtime.runtime import check_compiles
 from tollgate.runtime.shared_state import NodeStateFile, SharedState
-from tollgate.runtime.worker import Gateway, encode_message, read_message
+from tollgate.runtime.worker import Gateway, encode_message, probe_listen, read_message
 
 if TYPE_CHECKING:
     from tollgate.observe.reports import Reports
@@ -477,6 +477,15 @@ class Supervisor:
 
     async def _run(self) -> int:
         count = worker_count(self.config)
+        listen = self.config.gateway.listen
+        try:
+            # The workers bind with SO_REUSEPORT, which would let them join the listening
+            # sockets of another gateway of the same user: refuse a port that is taken.
+            probe_listen(listen)
+        except OSError as exc:
+            reason = exc.strerror.lower() if exc.strerror else str(exc)
+            log.error("cannot listen on %s: %s", listen, reason)
+            return EXIT_CANNOT_START
         try:
             self.shared_state = NodeStateFile.create(self.config.gateway.shared_state.capacity)
         except OSError as exc:

@@ -100,18 +100,36 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def listen_socket(listen: str, *, reuse_port: bool) -> socket.socket:
-    """A bound, listening TCP socket; SO_REUSEPORT lets every worker bind the same port."""
+def _bound_socket(listen: str, *, reuse_port: bool) -> socket.socket:
     host, port = split_listen(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        # Connections of an earlier run still in TIME_WAIT must not keep the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_socket(listen: str, *, reuse_port: bool) -> socket.socket:
+    """A bound, listening TCP socket; SO_REUSEPORT lets every worker bind the same port."""
+    sock = _bound_socket(listen, reuse_port=reuse_port)
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def probe_listen(listen: str) -> None:
+    """OSError (EADDRINUSE) if a socket already listens on `listen`, whichever process made it.
+
+    The probe binds without SO_REUSEPORT, which would let it join a listening group of the same
+    user (another `tollgate serve`) instead of failing, and is closed at once."""
+    _bound_socket(listen, reuse_port=False).close()
 
 
 def _tls_context(config: Config) -> ssl.SSLContext | None:
