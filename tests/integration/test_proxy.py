@@ -822,6 +822,17 @@ async def test_request_id_policy_uses_a_custom_header_both_ways(echo, start_gate
     assert values(seen, "x-request-id") == []
 
 
+async def test_request_id_policy_with_a_custom_header_replaces_the_upstreams_copy(start_gateway):
+    own = [("X-Correlation-Id", "upstream-own"), ("X-Request-Id", "upstream-request-id")]
+    async with EchoUpstream(response_headers=own) as upstream:
+        gw = await start_gateway(request_id_config(upstream.url, header_name="X-Correlation-Id"))
+        response = await raw(gw.port, request("GET", "/a", headers=[("X-Correlation-Id", "c-9")]))
+    assert response.status == 200
+    # One id header, the gateway's; the upstream's X-Request-Id is an ordinary header here.
+    assert response.header_values("x-correlation-id") == ["c-9"]
+    assert response.header_values("x-request-id") == ["upstream-request-id"]
+
+
 async def test_request_id_policy_with_echo_off_sends_it_upstream_only(echo, start_gateway, http):
     gw = await start_gateway(request_id_config(echo.url, echo_downstream=False))
     async with http.get(f"http://127.0.0.1:{gw.port}/a") as response:

@@ -936,12 +936,16 @@ class ClientConnection(asyncio.Protocol):
         listed = None
         kinds = _RESPONSE_KINDS
         echo_id = route.echo_request_id
+        custom_id = route.custom_request_id
         # Body-phase policies may change the length: the client then gets the body chunked.
         rewrites_body = bool(route.body)
         for name, value in headers:
             kind = kinds.get(name)
             if kind is None:
                 kind = _response_kind(name)
+            if custom_id and kind in (FORWARD, REQUEST_ID):
+                # A renamed id header: the upstream's copy of it is the one replaced.
+                kind = REQUEST_ID if name.lower() == custom_id else FORWARD
             if (
                 kind == FORWARD
                 or (kind == REQUEST_ID and not echo_id)

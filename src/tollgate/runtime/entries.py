@@ -66,6 +66,9 @@ class CompiledRoute:
     max_body_size: int
     request_id_header: bytes
     echo_request_id: bool
+    # The id header's lower-case name when a request-id policy renamed it, else b"": the
+    # upstream's copy of that header is then replaced, and its X-Request-Id passed on.
+    custom_request_id: bytes = b""
     # What the service's call records capture; None: nothing beyond the defaults.
     capture: CapturePolicy | None = None
 

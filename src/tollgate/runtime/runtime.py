@@ -269,6 +269,9 @@ def _compile_route(
         max_body_size=max_body_size,
         request_id_header=request_id_header,
         echo_request_id=echo_request_id,
+        custom_request_id=(
+            b"" if request_id_header.lower() == b"x-request-id" else request_id_header.lower()
+        ),
         capture=_capture_policy(service.logs),
     )
 
