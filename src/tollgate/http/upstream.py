@@ -5,8 +5,8 @@ machine, aiohttp's client moved ~7,000 requests/s and httpx ~800, while a Protoc
 llhttp moves several times more, and a proxy needs what libraries hide anyway (raw header
 order, streaming both ways, flow control, reuse only of clean connections).
 
-A connection serves one exchange at a time. It reports to its `sink` (the client-side
-connection that owns the exchange) through a handful of methods: `upstream_head`,
+A connection serves one exchange at a time. It reports to its `sink` (the
+`ClientConnection` that owns the exchange) through a handful of methods: `upstream_head`,
 `upstream_body`, `upstream_done`, `upstream_failed`, `upstream_tunnel_data`, and the flow
 control pair `upstream_pause`/`upstream_resume`.
 """
@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
@@ -32,32 +32,13 @@ from tollgate.errors import (
 
 if TYPE_CHECKING:
     from tollgate.config.schema import PoolSettings, UpstreamTimeouts
+    from tollgate.http.server import ClientConnection
+
+_now: Final = time.monotonic
 
 # Write-buffer marks on upstream sockets: past HIGH the client side stops reading.
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
-
-
-class Sink(Protocol):
-    """What an upstream connection reports to (the client-side connection)."""
-
-    def upstream_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None: ...
-
-    def upstream_body(self, chunk: bytes) -> None: ...
-
-    def upstream_done(self, reusable: bool) -> None: ...
-
-    def upstream_failed(self, error: UpstreamError, response_started: bool) -> None: ...
-
-    def upstream_tunnel_data(self, data: bytes) -> None: ...
-
-    def upstream_pause(self) -> None: ...
-
-    def upstream_resume(self) -> None: ...
-
-    def upstream_flush(self) -> None: ...
 
 
 class _HeadOnly(Exception):
@@ -88,7 +69,9 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.sink: Sink | None = None
+        # The client connection the exchange belongs to: typed as the class, not as `Sink`,
+        # so that the compiled calls below are direct rather than looked up by name.
+        self.sink: ClientConnection | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
@@ -154,19 +137,19 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamProtocolError(f"invalid upstream response: {exc}"))
             return
         if self.sink is not None and not self.reading_paused and not self._upgrading:
-            self.deadline = time.monotonic() + self.pool.read_timeout
+            self.deadline = _now() + self.pool.read_timeout
         sink.upstream_flush()  # the sink that got this read's events, even if now detached
 
     def pause_writing(self) -> None:
         # The upstream is not taking the request as fast as it comes: the write timeout runs.
         if not self._upgrading:
-            self.deadline = time.monotonic() + self.pool.write_timeout
+            self.deadline = _now() + self.pool.write_timeout
         if self.sink is not None:
             self.sink.upstream_pause()
 
     def resume_writing(self) -> None:
         if not self._upgrading:
-            self.deadline = time.monotonic() + self.pool.read_timeout
+            self.deadline = _now() + self.pool.read_timeout
         if self.sink is not None:
             self.sink.upstream_resume()
 
@@ -212,7 +195,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- use by the sink -------------------------------------------------------------------
 
-    def start(self, sink: Sink, head_only: bool) -> None:
+    def start(self, sink: ClientConnection, head_only: bool) -> None:
         """Start an exchange for `sink`; the request follows through `write`."""
         self.sink = sink
         self._head_only = head_only
@@ -223,7 +206,7 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         if not self._upgrading and not self.reading_paused:
-            self.deadline = time.monotonic() + self.pool.read_timeout
+            self.deadline = _now() + self.pool.read_timeout
         self.transport.write(data)
 
     def pause_reading(self) -> None:
@@ -238,7 +221,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
         self.reading_paused = False
         if self.sink is not None and not self._upgrading:
-            self.deadline = time.monotonic() + self.pool.read_timeout
+            self.deadline = _now() + self.pool.read_timeout
 
     def abandon(self) -> None:
         """The client went away or the exchange failed: drop the connection, never reuse it."""
