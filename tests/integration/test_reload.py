@@ -253,6 +253,20 @@ def authority() -> trustme.CA:
     return trustme.CA()
 
 
+async def serve_certificate(
+    certificate: trustme.LeafCert,
+    upstream: RecordingUpstream,
+    start_gateway: GatewayStarter,
+    tmp_path: Path,
+) -> tuple[Gateway, dict[str, Any], Path, Path]:
+    """A gateway serving `certificate` over TLS from files in `tmp_path`: the gateway, its
+    settings, and the certificate and key files."""
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_certificate(certificate, cert_path, key_path)
+    settings = config(upstream, ["/"], tls={"cert": str(cert_path), "key": str(key_path)})
+    return await start_gateway(settings), settings, cert_path, key_path
+
+
 async def test_a_reload_shows_the_replaced_certificate_to_new_connections(
     upstream: RecordingUpstream,
     start_gateway: GatewayStarter,
@@ -260,10 +274,9 @@ async def test_a_reload_shows_the_replaced_certificate_to_new_connections(
     authority: trustme.CA,
 ) -> None:
     first, second = issue(authority), issue(authority)
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    write_certificate(first, cert_path, key_path)
-    settings = config(upstream, ["/"], tls={"cert": str(cert_path), "key": str(key_path)})
-    gateway = await start_gateway(settings)
+    gateway, settings, cert_path, key_path = await serve_certificate(
+        first, upstream, start_gateway, tmp_path
+    )
     context = client_context(authority)
     async with await RawClient.open(
         gateway.port, ssl_context=context, server_hostname="localhost"
@@ -289,10 +302,9 @@ async def test_a_certificate_that_does_not_load_fails_the_prepare_and_the_old_on
     authority: trustme.CA,
 ) -> None:
     first, other = issue(authority), issue(authority)
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    write_certificate(first, cert_path, key_path)
-    settings = config(upstream, ["/"], tls={"cert": str(cert_path), "key": str(key_path)})
-    gateway = await start_gateway(settings)
+    gateway, settings, cert_path, _key = await serve_certificate(
+        first, upstream, start_gateway, tmp_path
+    )
     context = client_context(authority)
 
     other.cert_chain_pems[0].write_to_path(cert_path)  # its key stays the first one's
